@@ -1,0 +1,181 @@
+"""The in-process engine: add_request / step / abort over scheduler + model runner, and generate()."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.model_runner import ModelRunner
+from engine.models.loader import load_hf_config
+from engine.models.registry import max_model_len, model_class
+from engine.request import Request, RequestStatus, SamplingParams
+from engine.scheduler import Scheduler, SchedulerOutput
+
+log = structlog.get_logger(__name__)
+
+Prompt = str | Sequence[int]
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """A request's state after a step; ``new_*`` is what this step added (for streaming)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    new_token_ids: list[int]
+    text: str
+    new_text: str
+    finished: bool
+    finish_reason: str | None
+    num_preemptions: int = 0
+
+
+class Engine:
+    """One model replica in this process. Not thread-safe: one caller drives ``step()``."""
+
+    def __init__(self, config: EngineConfig, hf_config: Any = None, weights: Any = None, tokenizer: Any = None) -> None:
+        if hf_config is None:
+            if not config.model:
+                raise ValueError("no model: set config.model to a checkpoint folder")
+            hf_config = load_hf_config(config.model)
+        model_class(hf_config)  # refuse unsupported architectures before allocating anything
+        self.config, self.hf_config = config, hf_config
+        self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(config.model)
+        self.eos_token_ids = _eos_token_ids(hf_config, config.model)
+        self.max_model_len = min(config.max_out_tokens or max_model_len(hf_config), max_model_len(hf_config))
+        self.runner = ModelRunner(config, hf_config, weights)
+        self.scheduler = Scheduler(
+            BlockManager(self.runner.kv_cache.num_blocks, config.block_size),
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
+            prefill_chunk_size=config.prefill_chunk_size,
+            max_model_len=self.max_model_len,
+        )
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._ids = itertools.count()
+
+    # -- requests -------------------------------------------------------------------------------
+    def add_request(self, prompt: Prompt, sampling: SamplingParams | None = None, request_id: str | None = None) -> str:
+        sampling = sampling or SamplingParams()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        token_ids = self.tokenize(prompt)
+        request = Request(request_id, token_ids, sampling, eos_token_ids=self.eos_token_ids)
+        self.scheduler.add_request(request)
+        if self.tokenizer is not None:
+            self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, token_ids, sampling.stop)
+        elif sampling.stop:
+            self.scheduler.abort_request(request_id)
+            raise ValueError("stop strings need a tokenizer, and this model folder has none")
+        return request_id
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model folder has no tokenizer: pass prompt token ids instead of text")
+            token_ids = list(self.tokenizer.encode(prompt))
+        else:
+            token_ids = [int(t) for t in prompt]
+        if not token_ids:
+            raise ValueError("prompt is empty: it must contain at least one token")
+        bad = [t for t in token_ids if not 0 <= t < self.hf_config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.hf_config.vocab_size})")
+        return token_ids
+
+    def abort_request(self, request_id: str) -> bool:
+        self._detokenizers.pop(request_id, None)
+        return self.scheduler.abort_request(request_id) is not None
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # -- the loop -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, and return the requests that produced a token."""
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            return []
+        result = self.runner.execute(scheduled)
+        self.scheduler.update_from_output(scheduled, result.sampled_token_ids)
+        return self._outputs(scheduled, result.sampled_token_ids)
+
+    def _outputs(self, scheduled: SchedulerOutput, sampled: list[int | None]) -> list[RequestOutput]:
+        outputs = []
+        for item, token in zip(scheduled.scheduled, sampled):
+            if token is not None:
+                outputs.append(self._output(item.request, token))
+        return outputs
+
+    def _output(self, req: Request, token: int) -> RequestOutput:
+        detok = self._detokenizers.get(req.request_id)
+        new_text = ""
+        if detok is not None:
+            new_text = detok.add(token)
+            if detok.stop_hit is not None and not req.is_finished:
+                self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+                req.stop_reason = detok.stop_hit
+            if req.is_finished:
+                if detok.stop_hit is None:
+                    new_text += detok.flush()
+                del self._detokenizers[req.request_id]
+        return RequestOutput(
+            req.request_id, req.prompt_token_ids, list(req.output_token_ids), [token],
+            detok.text if detok else "", new_text, req.is_finished, req.status.finish_reason, req.num_preemptions,
+        )
+
+    def generate(
+        self, prompts: Prompt | Sequence[Prompt], sampling: SamplingParams | Sequence[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
+        """Run prompts to completion; outputs in the order of ``prompts``."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params = list(sampling) if isinstance(sampling, Sequence) else [sampling or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        ids = [self.add_request(p, s) for p, s in zip(prompts, params)]
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+
+def init_inference(model: Any, config: Any = None, **overrides: Any) -> Engine:
+    """DeepSpeed-style entry point: a checkpoint folder or a transformers model, and a config
+    (EngineConfig, dict, or a JSON/YAML path; DeepSpeed key names accepted)."""
+    if isinstance(model, (str, Path)):
+        return Engine(EngineConfig.from_any(config, model=str(model), **overrides))
+    if hasattr(model, "config") and hasattr(model, "state_dict"):
+        cfg = EngineConfig.from_any(config, **overrides)
+        return Engine(cfg, hf_config=model.config, weights=model.state_dict().items())
+    raise TypeError(f"init_inference takes a checkpoint folder or a transformers model, not {type(model).__name__}")
+
+
+def _load_tokenizer(model_dir: str | None) -> Any:
+    if not model_dir or not any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+
+def _eos_token_ids(hf_config: Any, model_dir: str | None) -> frozenset[int]:
+    eos = getattr(hf_config, "eos_token_id", None)
+    gen = Path(model_dir or "") / "generation_config.json"
+    if model_dir and gen.is_file():
+        import json
+
+        eos = json.loads(gen.read_text()).get("eos_token_id", eos)
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)
