@@ -1,0 +1,268 @@
+"""Token-budget Dynamic SplitFuse scheduling: which requests compute which tokens this step (no torch)."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from engine.block_manager import BlockManager
+from engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """This step computes tokens ``[start, start + num_new_tokens)`` of ``request.token_ids``.
+
+    ``start`` is ``request.num_computed_tokens`` at schedule time; ``request.block_ids`` already
+    cover ``end``. ``samples`` is True when ``end`` reached ``request.num_tokens`` at schedule
+    time: the logit of the step's last token of this request is sampled into a new token.
+    """
+
+    request: Request
+    num_new_tokens: int
+    start: int
+    samples: bool
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_new_tokens
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """One step's work: decodes first, then prompt/recompute chunks, each request at most once.
+
+    ``preempted`` requests lost their blocks this step and went back to the front of the waiting
+    queue; they will recompute all their tokens (prompt and outputs so far).
+    """
+
+    scheduled: tuple[ScheduledRequest, ...]
+    preempted: tuple[Request, ...]
+    num_batched_tokens: int
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class _Step:
+    """What one ``schedule()`` call has decided so far."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.scheduled: list[ScheduledRequest] = []
+        self.scheduled_ids: set[str] = set()
+        self.preempted: list[Request] = []
+
+    def add(self, request: Request, num_new_tokens: int) -> None:
+        start = request.num_computed_tokens
+        samples = start + num_new_tokens == request.num_tokens
+        self.scheduled.append(ScheduledRequest(request, num_new_tokens, start, samples))
+        self.scheduled_ids.add(request.request_id)
+        self.budget -= num_new_tokens
+
+    def output(self, max_num_batched_tokens: int) -> SchedulerOutput:
+        used = max_num_batched_tokens - self.budget
+        return SchedulerOutput(tuple(self.scheduled), tuple(self.preempted), used)
+
+
+class Scheduler:
+    """Continuous batching with chunked prefill fused into decode steps (vLLM v1's rule).
+
+    There is no prefill or decode phase: every request has ``num_computed_tokens`` and each
+    step hands some requests ``num_new_tokens`` more, within a budget of
+    ``max_num_batched_tokens`` tokens and ``max_num_seqs`` running requests. Order of service:
+    running requests with one token left (decodes), then running requests with a partly
+    computed prompt, then waiting requests in arrival order (preempted ones first). When blocks
+    run out, the newest running request not yet scheduled this step is preempted by recompute.
+
+    Each ``schedule()`` must be followed by one ``update_from_output()`` for its output.
+    The scheduler owns the requests' status, ``num_computed_tokens`` and ``block_ids``.
+    """
+
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        *,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        prefill_chunk_size: int,
+        max_model_len: int,
+    ) -> None:
+        limits = {
+            "max_num_batched_tokens": max_num_batched_tokens,
+            "max_num_seqs": max_num_seqs,
+            "prefill_chunk_size": prefill_chunk_size,
+            "max_model_len": max_model_len,
+        }
+        for name, value in limits.items():
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        self.block_manager = block_manager
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.prefill_chunk_size = prefill_chunk_size
+        self.max_model_len = max_model_len
+        self._requests: dict[str, Request] = {}
+        self._waiting: deque[Request] = deque()
+        self._running: dict[str, Request] = {}
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    def get_request(self, request_id: str) -> Request | None:
+        """The unfinished request with this id, or None."""
+        return self._requests.get(request_id)
+
+    def add_request(self, request: Request) -> None:
+        """Queue a new request at the back of the waiting queue; ValueError if it can never run."""
+        if request.request_id in self._requests:
+            raise ValueError(f"request id {request.request_id!r} is already in the scheduler")
+        total = request.num_prompt_tokens + request.sampling.max_new_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"request {request.request_id!r}: {request.num_prompt_tokens} prompt tokens + "
+                f"{request.sampling.max_new_tokens} max new tokens exceed max_model_len {self.max_model_len}"
+            )
+        if self.block_manager.blocks_needed(total) > self.block_manager.num_blocks:
+            raise ValueError(
+                f"request {request.request_id!r}: {total} tokens need "
+                f"{self.block_manager.blocks_needed(total)} KV blocks, the pool has only "
+                f"{self.block_manager.num_blocks}"
+            )
+        request.status = RequestStatus.WAITING
+        self._requests[request.request_id] = request
+        self._waiting.append(request)
+
+    def schedule(self) -> SchedulerOutput:
+        step = _Step(self.max_num_batched_tokens)
+        self._schedule_running(step, decodes=True)
+        self._schedule_running(step, decodes=False)
+        if not step.preempted:
+            self._schedule_waiting(step)
+        return step.output(self.max_num_batched_tokens)
+
+    def _schedule_running(self, step: _Step, *, decodes: bool) -> None:
+        """Decodes (one token left) or partly computed prompts of running requests, oldest first."""
+        for request in list(self._running.values()):
+            if step.budget == 0:
+                return
+            uncomputed = request.num_uncomputed_tokens
+            if request.status != RequestStatus.RUNNING or uncomputed == 0 or (uncomputed == 1) != decodes:
+                continue
+            num_new = min(uncomputed, self.prefill_chunk_size, step.budget)
+            if self._allocate_or_preempt(step, request, num_new):
+                step.add(request, num_new)
+
+    def _allocate_or_preempt(self, step: _Step, request: Request, num_new_tokens: int) -> bool:
+        """Allocate blocks for a running request, preempting newer ones; False if it preempted itself."""
+        while not self.block_manager.allocate_slots(request, num_new_tokens):
+            victim = self._newest_unscheduled(step)
+            self._preempt(victim)
+            step.preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _newest_unscheduled(self, step: _Step) -> Request:
+        for request in reversed(self._running.values()):
+            if request.request_id not in step.scheduled_ids:
+                return request
+        raise AssertionError("unreachable: the request being scheduled is itself running and unscheduled")
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute preemption: drop the KV, keep the tokens, go back to the front of the queue."""
+        del self._running[request.request_id]
+        self.block_manager.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self._waiting.appendleft(request)
+
+    def _schedule_waiting(self, step: _Step) -> None:
+        """Admit waiting requests in order; stop at the first one whose blocks do not fit."""
+        while self._waiting and step.budget > 0 and len(self._running) < self.max_num_seqs:
+            request = self._waiting[0]
+            num_new = min(request.num_uncomputed_tokens, self.prefill_chunk_size, step.budget)
+            if not self.block_manager.allocate_slots(request, num_new):
+                return
+            self._waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self._running[request.request_id] = request
+            step.add(request, num_new)
+
+    def update_from_output(self, output: SchedulerOutput, sampled_token_ids: Sequence[int | None]) -> list[Request]:
+        """Apply a step's results: one entry per ``output.scheduled``, a token where it ``samples``.
+
+        Requests finished or aborted since ``schedule()`` are skipped. Returns the requests that
+        finished in this step; their blocks are already free.
+        """
+        _check_sampled(output, sampled_token_ids)
+        finished: list[Request] = []
+        for item, token_id in zip(output.scheduled, sampled_token_ids, strict=True):
+            request = item.request
+            if request.is_finished:
+                continue
+            request.num_computed_tokens += item.num_new_tokens
+            if token_id is None:
+                continue
+            request.output_token_ids.append(token_id)
+            status = self._check_stop(request, token_id)
+            if status is not None:
+                self._finish(request, status)
+                finished.append(request)
+        return finished
+
+    def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
+        sampling = request.sampling
+        if request.num_output_tokens >= sampling.max_new_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        is_eos = token_id in request.eos_token_ids and not sampling.ignore_eos
+        if is_eos or token_id in sampling.stop_token_ids:
+            request.stop_reason = token_id
+            return RequestStatus.FINISHED_STOPPED
+        if request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        """End an unfinished request now with a finished ``status``; its blocks are freed at once.
+
+        Returns the request, or None when the id is unknown or already finished.
+        """
+        if not status.is_finished:
+            raise ValueError(f"{status} is not a finished status")
+        request = self._requests.get(request_id)
+        if request is None:
+            return None
+        if request_id not in self._running:
+            self._waiting.remove(request)
+        self._finish(request, status)
+        return request
+
+    def abort_request(self, request_id: str) -> Request | None:
+        """Abort in any state (FINISHED_ABORTED, blocks freed at once); None for an unknown id."""
+        return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        self._running.pop(request.request_id, None)
+        del self._requests[request.request_id]
+        self.block_manager.free(request)
+        request.status = status
+
+
+def _check_sampled(output: SchedulerOutput, sampled_token_ids: Sequence[int | None]) -> None:
+    if len(sampled_token_ids) != len(output.scheduled):
+        raise ValueError(f"got {len(sampled_token_ids)} sampled entries for {len(output.scheduled)} scheduled requests")
+    for item, token_id in zip(output.scheduled, sampled_token_ids, strict=True):
+        if item.samples != (token_id is not None):
+            raise ValueError(f"request {item.request.request_id!r}: samples={item.samples} but got token {token_id!r}")
