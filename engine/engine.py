@@ -48,10 +48,11 @@ class Engine:
                 raise ValueError("no model: set config.model to a checkpoint folder")
             hf_config = load_hf_config(config.model)
         model_class(hf_config)  # refuse unsupported architectures before allocating anything
+        _refuse_unbuilt_features(config)
         self.config, self.hf_config = config, hf_config
         self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(config.model)
         self.eos_token_ids = _eos_token_ids(hf_config, config.model)
-        self.max_model_len = min(config.max_out_tokens or max_model_len(hf_config), max_model_len(hf_config))
+        self.max_model_len = _max_len(config, hf_config)
         self.runner = ModelRunner(config, hf_config, weights)
         self.scheduler = Scheduler(
             BlockManager(self.runner.kv_cache.num_blocks, config.block_size),
@@ -159,6 +160,25 @@ def init_inference(model: Any, config: Any = None, **overrides: Any) -> Engine:
         cfg = EngineConfig.from_any(config, **overrides)
         return Engine(cfg, hf_config=model.config, weights=model.state_dict().items())
     raise TypeError(f"init_inference takes a checkpoint folder or a transformers model, not {type(model).__name__}")
+
+
+def _refuse_unbuilt_features(config: EngineConfig) -> None:
+    """Settings the config accepts (DeepSpeed compatibility) but this engine cannot honour yet."""
+    unbuilt = {
+        "tensor_parallel.tp_size > 1 (multi-rank workers)": config.tp_size > 1,
+        "quant.enabled (INT8 weights)": config.quant.enabled,
+        "enable_cuda_graph": config.enable_cuda_graph,
+    }
+    asked = [name for name, on in unbuilt.items() if on]
+    if asked:
+        raise ValueError(f"not supported by this version of the engine yet: {', '.join(asked)}")
+
+
+def _max_len(config: EngineConfig, hf_config: Any) -> int:
+    limit = max_model_len(hf_config)
+    if config.max_out_tokens is not None and config.max_out_tokens > limit:
+        raise ValueError(f"max_out_tokens {config.max_out_tokens} exceeds the model's context of {limit} tokens")
+    return config.max_out_tokens or limit
 
 
 def _load_tokenizer(model_dir: str | None) -> Any:
