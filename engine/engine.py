@@ -12,7 +12,7 @@ import structlog
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.detokenizer import IncrementalDetokenizer
+from tokenization.detokenizer import IncrementalDetokenizer
 from engine.model_runner import ModelRunner
 from engine.models.loader import load_hf_config
 from engine.models.registry import max_model_len, model_class

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-OURS = {"engine", "kernels", "kvtransfer", "protos", "gateway", "prefill_worker", "decode_worker", "splitserve"}
+OURS = {"engine", "tokenization", "kernels", "kvtransfer", "protos", "gateway", "prefill_worker", "decode_worker", "splitserve"}
 
 FORBIDDEN = {
     "gateway": {"torch", "engine", "kernels", "kvtransfer", "prefill_worker", "decode_worker", "transformers"},
@@ -18,6 +18,7 @@ FORBIDDEN = {
     "decode_worker": {"prefill_worker", "gateway"},
     "engine": {"kvtransfer", "protos", "grpc", "redis", "gateway", "prefill_worker", "decode_worker"},
     "kernels": OURS - {"kernels"},
+    "tokenization": OURS - {"tokenization"} | {"torch", "transformers"},
     "kvtransfer": {"engine", "kernels", "protos", "gateway", "prefill_worker", "decode_worker"},
 }
 
@@ -41,7 +42,7 @@ def test_package_imports_follow_the_design(package: str) -> None:
     assert not {f: b for f, b in bad.items() if b}
 
 
-@pytest.mark.parametrize("module", ["engine.scheduler", "engine.block_manager", "engine.request", "splitserve"])
+@pytest.mark.parametrize("module", ["engine.scheduler", "engine.block_manager", "engine.request", "tokenization.detokenizer", "splitserve"])
 def test_pure_modules_do_not_load_torch(module: str) -> None:
     code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from engine.detokenizer import IncrementalDetokenizer
+from tokenization.detokenizer import IncrementalDetokenizer
 
 WORDS = ["héllo", "wörld", "你好", "🙂", "the", "cat", "sat", "on", "mat", "café", "straße", "日本語"]
 ALPHABET = list("ab cé.\nöß你好日🙂") + ["ab", "你好", "héllo", "🙂🙂"]
