@@ -37,6 +37,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None
     num_preemptions: int = 0
+    num_computed_tokens: int = 0
 
 
 class Engine:
@@ -62,21 +63,81 @@ class Engine:
             max_model_len=self.max_model_len,
         )
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._kept: dict[str, Request] = {}  # keep_kv requests, until release_kv
         self._ids = itertools.count()
 
     # -- requests -------------------------------------------------------------------------------
-    def add_request(self, prompt: Prompt, sampling: SamplingParams | None = None, request_id: str | None = None) -> str:
-        sampling = sampling or SamplingParams()
-        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        token_ids = self.tokenize(prompt)
-        request = Request(request_id, token_ids, sampling, eos_token_ids=self.eos_token_ids)
+    def add_request(
+        self, prompt: Prompt, sampling: SamplingParams | None = None, request_id: str | None = None,
+        *, keep_kv: bool = False,
+    ) -> str:
+        """Queue a request. ``keep_kv`` (prefill workers): its blocks outlive it until ``release_kv``,
+        and every step that computes part of it is reported by ``step()``, for ``export_kv``."""
+        request = self._new_request(prompt, sampling, request_id, keep_kv)
         self.scheduler.add_request(request)
-        if self.tokenizer is not None:
-            self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, token_ids, sampling.stop)
-        elif sampling.stop:
-            self.scheduler.abort_request(request_id)
+        self._track_text(request)
+        return request.request_id
+
+    def add_remote_request(
+        self, prompt: Prompt, sampling: SamplingParams | None, request_id: str, num_remote_tokens: int
+    ) -> list[int] | None:
+        """Decode side of a handoff: allocate blocks for prompt tokens [0, num_remote_tokens) that a
+        prefill worker will send. Returns the block ids to publish, or None when they did not fit
+        (the request then computes its whole prompt here)."""
+        request = self._new_request(prompt, sampling, request_id, False)
+        accepted = self.scheduler.add_remote_request(request, num_remote_tokens)
+        self._track_text(request)
+        return list(request.block_ids) if accepted else None
+
+    def import_kv(self, request_id: str, start: int, kv: Any) -> None:
+        """Write received KV (``export_kv``'s layout) for tokens [start, ...) of a WAITING_FOR_KV request.
+        Safe to call while a step runs: those blocks belong to no scheduled request."""
+        request = self._request(request_id)
+        self.runner.kv_cache.scatter(request.block_ids, start, kv)
+
+    def kv_ready(self, request_id: str, num_tokens: int, first_token: int | None) -> list[RequestOutput]:
+        """Every remote token arrived: schedule the request (outputs if the first token finished it)."""
+        request = self._request(request_id)
+        self.scheduler.kv_ready(request_id, num_tokens, first_token)
+        return [self._output(request, first_token)] if first_token is not None else []
+
+    def kv_failed(self, request_id: str) -> None:
+        """The transfer failed: free the blocks and compute the prompt here instead."""
+        self.scheduler.kv_failed(request_id)
+
+    def export_kv(self, request_id: str, start: int, end: int) -> Any:
+        """Copy of tokens [start, end) of a request's KV: [layers, 2, end - start, kv_heads, head_dim]."""
+        request = self._request(request_id, finished_ok=True)
+        return self.runner.kv_cache.gather(request.block_ids, start, end)
+
+    def release_kv(self, request_id: str) -> bool:
+        """Free the blocks a finished ``keep_kv`` request still holds."""
+        self._kept.pop(request_id, None)
+        return self.scheduler.release_kv(request_id)
+
+    def _request(self, request_id: str, finished_ok: bool = False) -> Request:
+        request = self.scheduler.get_request(request_id) or (self._kept.get(request_id) if finished_ok else None)
+        if request is None:
+            raise KeyError(f"no such request {request_id!r}")
+        return request
+
+    def _new_request(self, prompt: Prompt, sampling: SamplingParams | None, request_id: str | None,
+                     keep_kv: bool) -> Request:
+        sampling = sampling or SamplingParams()
+        if sampling.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model folder has none")
-        return request_id
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        request = Request(request_id, self.tokenize(prompt), sampling, eos_token_ids=self.eos_token_ids,
+                          keep_kv=keep_kv)
+        if keep_kv:
+            self._kept[request_id] = request
+        return request
+
+    def _track_text(self, request: Request) -> None:
+        if self.tokenizer is not None:
+            self._detokenizers[request.request_id] = IncrementalDetokenizer(
+                self.tokenizer, request.prompt_token_ids, request.sampling.stop
+            )
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -93,7 +154,9 @@ class Engine:
         return token_ids
 
     def abort_request(self, request_id: str) -> bool:
+        """Abort in any state; its blocks (held ones too) are free when this returns."""
         self._detokenizers.pop(request_id, None)
+        self._kept.pop(request_id, None)
         return self.scheduler.abort_request(request_id) is not None
 
     def has_unfinished_requests(self) -> bool:
@@ -110,16 +173,16 @@ class Engine:
         return self._outputs(scheduled, result.sampled_token_ids)
 
     def _outputs(self, scheduled: SchedulerOutput, sampled: list[int | None]) -> list[RequestOutput]:
-        outputs = []
-        for item, token in zip(scheduled.scheduled, sampled):
-            if token is not None:
-                outputs.append(self._output(item.request, token))
-        return outputs
+        return [
+            self._output(item.request, token)
+            for item, token in zip(scheduled.scheduled, sampled)
+            if token is not None or item.request.keep_kv
+        ]
 
-    def _output(self, req: Request, token: int) -> RequestOutput:
+    def _output(self, req: Request, token: int | None) -> RequestOutput:
         detok = self._detokenizers.get(req.request_id)
         new_text = ""
-        if detok is not None:
+        if detok is not None and token is not None:
             new_text = detok.add(token)
             if detok.stop_hit is not None and not req.is_finished:
                 self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
@@ -129,8 +192,9 @@ class Engine:
                     new_text += detok.flush()
                 del self._detokenizers[req.request_id]
         return RequestOutput(
-            req.request_id, req.prompt_token_ids, list(req.output_token_ids), [token],
+            req.request_id, req.prompt_token_ids, list(req.output_token_ids), [] if token is None else [token],
             detok.text if detok else "", new_text, req.is_finished, req.status.finish_reason, req.num_preemptions,
+            req.num_computed_tokens,
         )
 
     def generate(

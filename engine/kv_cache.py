@@ -51,3 +51,20 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.pool.numel() * self.pool.element_size()
+
+    def slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
+        """Flat slot ids of tokens [start, end) of a sequence stored in ``block_ids``."""
+        bs = self.layout.block_size
+        pos = torch.arange(start, end)
+        table = torch.tensor(block_ids, dtype=torch.long)
+        return (table[pos // bs] * bs + pos % bs).to(self.pool.device)
+
+    def gather(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
+        """A contiguous copy of tokens [start, end): [num_layers, 2, end - start, kv_heads, head_dim]."""
+        flat = self.pool.flatten(2, 3)  # [layers, 2, num_blocks * block_size, kv_heads, head_dim]
+        return flat.index_select(2, self.slots(block_ids, start, end))
+
+    def scatter(self, block_ids: list[int], start: int, kv: torch.Tensor) -> None:
+        """Write ``kv`` (gather's layout) as tokens [start, start + n) of a sequence in ``block_ids``."""
+        flat = self.pool.flatten(2, 3)
+        flat.index_copy_(2, self.slots(block_ids, start, start + kv.shape[2]), kv.to(flat.device, flat.dtype))

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    WAITING_FOR_KV = "waiting_for_kv"  # blocks allocated, KV arriving from a prefill worker
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED_STOPPED = "finished_stopped"
@@ -86,6 +87,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     stop_reason: str | int | None = None
+    keep_kv: bool = False  # prefill side: hold the blocks after finishing until release_kv()
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

@@ -107,6 +107,8 @@ class Scheduler:
         self._requests: dict[str, Request] = {}
         self._waiting: deque[Request] = deque()
         self._running: dict[str, Request] = {}
+        self._waiting_for_kv: dict[str, Request] = {}
+        self._held: dict[str, Request] = {}  # finished keep_kv requests whose blocks are still in use
 
     @property
     def num_waiting(self) -> int:
@@ -119,13 +121,75 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
+    def has_schedulable_requests(self) -> bool:
+        """Unfinished requests other than those waiting for remote KV (which a step cannot advance)."""
+        return len(self._requests) > len(self._waiting_for_kv)
+
+    @property
+    def num_waiting_for_kv(self) -> int:
+        return len(self._waiting_for_kv)
+
     def get_request(self, request_id: str) -> Request | None:
         """The unfinished request with this id, or None."""
         return self._requests.get(request_id)
 
     def add_request(self, request: Request) -> None:
         """Queue a new request at the back of the waiting queue; ValueError if it can never run."""
-        if request.request_id in self._requests:
+        self._check_admissible(request)
+        request.status = RequestStatus.WAITING
+        self._requests[request.request_id] = request
+        self._waiting.append(request)
+
+    def add_remote_request(self, request: Request, num_remote_tokens: int) -> bool:
+        """Decode side of a handoff: allocate blocks for tokens [0, num_remote_tokens) now and hold
+        the request (WAITING_FOR_KV) until ``kv_ready`` or ``kv_failed``. When the blocks do not
+        fit, queue it as an ordinary request instead (it computes its prompt here) and return False.
+        """
+        self._check_admissible(request)
+        if not 0 < num_remote_tokens <= request.num_prompt_tokens:
+            raise ValueError(f"num_remote_tokens must be in 1..{request.num_prompt_tokens}, got {num_remote_tokens}")
+        if not self.block_manager.allocate_slots(request, num_remote_tokens):
+            self.add_request(request)
+            return False
+        request.status = RequestStatus.WAITING_FOR_KV
+        self._requests[request.request_id] = request
+        self._waiting_for_kv[request.request_id] = request
+        return True
+
+    def kv_ready(self, request_id: str, num_tokens: int, first_token: int | None) -> list[Request]:
+        """Tokens [0, num_tokens) now sit in the request's blocks; it joins the waiting queue's
+        front (it arrived before anything queued since). ``first_token`` was sampled remotely
+        after the whole prompt; without it the last prompt token is recomputed here for its logits.
+        Returns the request in a list if that first token already finished it."""
+        request = self._waiting_for_kv.pop(request_id)
+        request.num_computed_tokens = min(num_tokens, request.num_prompt_tokens - (first_token is None))
+        request.status = RequestStatus.WAITING
+        self._waiting.appendleft(request)
+        if first_token is None:
+            return []
+        request.output_token_ids.append(first_token)
+        status = self._check_stop(request, first_token)
+        if status is None:
+            return []
+        self.finish_request(request_id, status)
+        return [request]
+
+    def kv_failed(self, request_id: str) -> None:
+        """The transfer failed: drop the blocks and compute the prompt here (no other code path)."""
+        request = self._waiting_for_kv.pop(request_id)
+        self.block_manager.free(request)
+        request.status = RequestStatus.WAITING
+        self._waiting.appendleft(request)
+
+    def release_kv(self, request_id: str) -> bool:
+        """Free the blocks a finished ``keep_kv`` request still holds (prefill side, after sending)."""
+        request = self._held.pop(request_id, None)
+        if request is not None:
+            self.block_manager.free(request)
+        return request is not None
+
+    def _check_admissible(self, request: Request) -> None:
+        if request.request_id in self._requests or request.request_id in self._held:
             raise ValueError(f"request id {request.request_id!r} is already in the scheduler")
         total = request.num_prompt_tokens + request.sampling.max_new_tokens
         if total > self.max_model_len:
@@ -139,9 +203,6 @@ class Scheduler:
                 f"{self.block_manager.blocks_needed(total)} KV blocks, the pool has only "
                 f"{self.block_manager.num_blocks}"
             )
-        request.status = RequestStatus.WAITING
-        self._requests[request.request_id] = request
-        self._waiting.append(request)
 
     def schedule(self) -> SchedulerOutput:
         step = _Step(self.max_num_batched_tokens)
@@ -244,20 +305,29 @@ class Scheduler:
         request = self._requests.get(request_id)
         if request is None:
             return None
-        if request_id not in self._running:
+        if request_id in self._waiting_for_kv:
+            del self._waiting_for_kv[request_id]
+        elif request_id not in self._running:
             self._waiting.remove(request)
         self._finish(request, status)
         return request
 
     def abort_request(self, request_id: str) -> Request | None:
-        """Abort in any state (FINISHED_ABORTED, blocks freed at once); None for an unknown id."""
+        """Abort in any state (FINISHED_ABORTED, blocks freed at once, held ones too); None for an unknown id."""
+        held = self._held.get(request_id)
+        if held is not None:
+            self.release_kv(request_id)
+            return held
         return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         self._running.pop(request.request_id, None)
         del self._requests[request.request_id]
-        self.block_manager.free(request)
         request.status = status
+        if request.keep_kv and status != RequestStatus.FINISHED_ABORTED:
+            self._held[request.request_id] = request
+        else:
+            self.block_manager.free(request)
 
 
 def _check_sampled(output: SchedulerOutput, sampled_token_ids: Sequence[int | None]) -> None:
