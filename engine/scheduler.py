@@ -129,6 +129,11 @@ class Scheduler:
     def num_waiting_for_kv(self) -> int:
         return len(self._waiting_for_kv)
 
+    @property
+    def num_queued_tokens(self) -> int:
+        """Tokens still to compute over all unfinished requests (a load signal; O(requests))."""
+        return sum(r.num_uncomputed_tokens for r in self._requests.values())
+
     def get_request(self, request_id: str) -> Request | None:
         """The unfinished request with this id, or None."""
         return self._requests.get(request_id)

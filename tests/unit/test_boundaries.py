@@ -10,16 +10,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-OURS = {"engine", "tokenization", "kernels", "kvtransfer", "protos", "gateway", "prefill_worker", "decode_worker", "splitserve"}
+OURS = {"engine", "tokenization", "kernels", "worker_common", "kvtransfer", "protos", "gateway", "prefill_worker", "decode_worker", "splitserve"}
 
 FORBIDDEN = {
-    "gateway": {"torch", "engine", "kernels", "kvtransfer", "prefill_worker", "decode_worker", "transformers"},
+    "gateway": {"torch", "engine", "kernels", "kvtransfer", "prefill_worker", "decode_worker", "worker_common",
+                "transformers"},
+    "worker_common": {"gateway", "prefill_worker", "decode_worker"},
     "prefill_worker": {"decode_worker", "gateway"},
     "decode_worker": {"prefill_worker", "gateway"},
-    "engine": {"kvtransfer", "protos", "grpc", "redis", "gateway", "prefill_worker", "decode_worker"},
+    "engine": {"kvtransfer", "protos", "grpc", "redis", "gateway", "prefill_worker", "decode_worker", "worker_common"},
     "kernels": OURS - {"kernels"},
     "tokenization": OURS - {"tokenization"} | {"torch", "transformers"},
-    "kvtransfer": {"engine", "kernels", "protos", "gateway", "prefill_worker", "decode_worker"},
+    "kvtransfer": {"engine", "kernels", "protos", "gateway", "prefill_worker", "decode_worker", "worker_common"},
 }
 
 
