@@ -1,0 +1,1 @@
+"""What both worker kinds share: settings, the asyncio engine loop, Redis registration, metrics."""
