@@ -94,6 +94,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
 
     async def _await_kv(self, rid: str, receiver: KVReceiver, n: int) -> None:
         result = await receiver.wait(self.rt.settings.transfer_timeout_s)
+        await self.rt.metadata.delete(rid)
         handoff = self.handoffs.get(rid)
         if handoff is None:
             return  # the request ended meanwhile; its blocks were freed with it

@@ -73,6 +73,30 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from splitserve.launcher import cmd_serve as serve
+
+    return serve(args)
+
+
+_PROCESSES = {"gateway": "gateway", "prefill-worker": "prefill_worker", "decode-worker": "decode_worker"}
+
+
+def cmd_process(args: argparse.Namespace) -> int:
+    """`gateway`, `prefill-worker`, `decode-worker`: the process's own flags and --help, as `python -m`."""
+    import importlib
+
+    main = importlib.import_module(f"{_PROCESSES[args.command]}.__main__").main
+    return int(main(list(args.process_argv)) or 0)
+
+
+def _add_process_commands(sub: Any) -> None:
+    for name, what in (("gateway", "the public gRPC endpoint"), ("prefill-worker", "one prefill worker"),
+                       ("decode-worker", "one decode worker")):
+        p = sub.add_parser(name, add_help=False, help=f"run {what} (`splitserve {name} --help` for its flags)")
+        p.set_defaults(func=cmd_process, process_argv=[])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitserve", description=__doc__)
     parser.add_argument("--log-format", choices=("console", "json"), default="console")
@@ -96,12 +120,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo-model", help="write the small random demo checkpoint to DIR")
     demo.add_argument("dir")
     demo.set_defaults(func=cmd_demo_model)
+
+    from splitserve.launcher import add_serve_arguments
+
+    serve = sub.add_parser("serve", help="a whole cluster on this machine: Redis, gateway, prefill and decode workers",
+                           description="Starts an embedded Redis (unless --redis-url), a gateway and the workers as "
+                           "child processes, waits until they are ready, prints the address, then supervises them "
+                           "until Ctrl-C or SIGTERM. Exits 1 if they do not come up, or if the gateway or the last "
+                           "decode worker dies.")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
+    _add_process_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.func is cmd_process:
+        args.process_argv = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     configure_logging(args.log_format, args.log_level)
     try:
         return args.func(args)
