@@ -81,7 +81,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         blocks = await self.rt.loop.call(lambda: engine.add_remote_request(prompt, sampling, rid, n))
         receiver = None
         if blocks is not None:
-            receiver = self.rt.transport.expect(rid, self.rt.kv_layout, n, lambda start, kv: engine.import_kv(rid, start, kv))
+            receiver = self.rt.transport.expect(
+                rid, self.rt.kv_layout, n, lambda start, kv: engine.import_kv(rid, start, kv)
+            )
         self.handoffs[rid] = _Handoff(receiver, n)
         # num_tokens 0 tells the prefill worker that the blocks did not fit: it stops at once.
         await self.rt.metadata.publish(

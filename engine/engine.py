@@ -12,12 +12,12 @@ import structlog
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from tokenization.detokenizer import IncrementalDetokenizer
 from engine.model_runner import ModelRunner
 from engine.models.loader import load_hf_config
 from engine.models.registry import max_model_len, model_class
 from engine.request import Request, RequestStatus, SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
+from tokenization.detokenizer import IncrementalDetokenizer
 
 log = structlog.get_logger(__name__)
 
@@ -175,7 +175,7 @@ class Engine:
     def _outputs(self, scheduled: SchedulerOutput, sampled: list[int | None]) -> list[RequestOutput]:
         return [
             self._output(item.request, token)
-            for item, token in zip(scheduled.scheduled, sampled)
+            for item, token in zip(scheduled.scheduled, sampled, strict=True)
             if token is not None or item.request.keep_kv
         ]
 
@@ -184,8 +184,10 @@ class Engine:
         new_text = ""
         if detok is not None and token is not None:
             new_text = detok.add(token)
-            if detok.stop_hit is not None and not req.is_finished:
-                self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+            if detok.stop_hit is not None:
+                if not req.is_finished:
+                    self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+                req.status = RequestStatus.FINISHED_STOPPED  # also when the stop came with the last allowed token
                 req.stop_reason = detok.stop_hit
             if req.is_finished:
                 if detok.stop_hit is None:
@@ -206,7 +208,14 @@ class Engine:
         params = list(sampling) if isinstance(sampling, Sequence) else [sampling or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
-        ids = [self.add_request(p, s) for p, s in zip(prompts, params)]
+        ids: list[str] = []
+        try:
+            for prompt, sp in zip(prompts, params, strict=True):
+                ids.append(self.add_request(prompt, sp))
+        except Exception:
+            for request_id in ids:  # all or nothing: no half-submitted batch left queued
+                self.abort_request(request_id)
+            raise
         final: dict[str, RequestOutput] = {}
         while self.has_unfinished_requests():
             for out in self.step():
@@ -246,7 +255,8 @@ def _max_len(config: EngineConfig, hf_config: Any) -> int:
 
 
 def _load_tokenizer(model_dir: str | None) -> Any:
-    if not model_dir or not any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+    files = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    if not model_dir or not any((Path(model_dir) / f).is_file() for f in files):
         return None
     from transformers import AutoTokenizer
 

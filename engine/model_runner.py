@@ -85,7 +85,7 @@ class ModelRunner:
             budget = self.config.cpu_kv_cache_gib * 2**30
         blocks = int(budget // layout.bytes_per_block())
         if blocks < 1:
-            raise RuntimeError("no memory left for a single KV-cache block; lower the model size or raise the KV budget")
+            raise RuntimeError("no memory left for one KV-cache block; use a smaller model or a larger KV budget")
         return blocks
 
     @torch.inference_mode()

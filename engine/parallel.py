@@ -52,6 +52,12 @@ def init_tensor_parallel(rank: int, size: int) -> None:
     _TP = TPGroup(rank, size)
 
 
+def check_shape(loaded: torch.Tensor, expected: tuple[int, ...]) -> None:
+    """A weight_loader's guard: the checkpoint tensor must have the full (unsharded) shape we expect."""
+    if tuple(loaded.shape) != tuple(expected):
+        raise ValueError(f"checkpoint shape {tuple(loaded.shape)} != expected {tuple(expected)}")
+
+
 def divide(n: int, d: int, what: str) -> int:
     if n % d:
         raise ValueError(f"{what} ({n}) is not divisible by the tensor parallel size ({d})")
@@ -70,13 +76,15 @@ class ColumnParallelLinear(nn.Module):
         self.shard_sizes = [divide(s, tp.size, "output features") for s in shard_sizes]
         out = sum(self.shard_sizes)
         self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
-        self.weight.weight_loader = self._load  # type: ignore[attr-defined]
         self.bias = nn.Parameter(torch.empty(out), requires_grad=False) if bias else None
-        if self.bias is not None:
-            self.bias.weight_loader = self._load  # type: ignore[attr-defined]
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.weight_loader = self._load  # type: ignore[attr-defined]
+                p.num_shards = len(shard_sizes)  # type: ignore[attr-defined]
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard: int = 0) -> None:
         tp = tp_group()
+        check_shape(loaded, (self.full_shard_sizes[shard], *param.shape[1:]))
         size = self.shard_sizes[shard]
         offset = sum(self.shard_sizes[:shard])
         param.data[offset : offset + size].copy_(loaded.narrow(0, tp.rank * size, size))
@@ -91,12 +99,14 @@ class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, ops: Ops) -> None:
         super().__init__()
         self.ops = ops
+        self.in_features = in_features
         self.in_per_rank = divide(in_features, tp_group().size, "input features")
         self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank), requires_grad=False)
         self.weight.weight_loader = self._load_weight  # type: ignore[attr-defined]
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard: int = 0) -> None:
+        check_shape(loaded, (param.shape[0], self.in_features))
         start = tp_group().rank * self.in_per_rank
         param.data.copy_(loaded.narrow(1, start, self.in_per_rank))
 
@@ -113,12 +123,14 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, dim: int) -> None:
         super().__init__()
         tp = tp_group()
+        self.num_embeddings = vocab_size
         self.per_rank = -(-vocab_size // tp.size)
         self.start = tp.rank * self.per_rank
         self.weight = nn.Parameter(torch.zeros(self.per_rank, dim), requires_grad=False)
         self.weight.weight_loader = self._load  # type: ignore[attr-defined]
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard: int = 0) -> None:
+        check_shape(loaded, (self.num_embeddings, param.shape[1]))
         rows = loaded[self.start : self.start + self.per_rank]
         param.data[: rows.shape[0]].copy_(rows)
 

@@ -7,8 +7,9 @@ for the rest, so kernels can land one at a time. ``replace_with_kernel_inject`` 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable, Literal
+from typing import Literal
 
 from kernels.activation import gelu_ref, silu_and_mul_ref
 from kernels.kv_write import kv_write_ref

@@ -144,9 +144,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_format, args.log_level)
     try:
         return args.func(args)
-    except (UsageError, ValueError) as e:  # pydantic's ValidationError is a ValueError
-        print(f"splitserve: error: {e}", file=sys.stderr)
+    except (UsageError, ValueError) as e:
+        print(f"splitserve: error: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+def one_line(error: Exception) -> str:
+    """pydantic's ValidationError spans several lines and a URL; say each problem in one line."""
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError):
+        return "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors(include_url=False)
+        )
+    return str(error)
 
 
 if __name__ == "__main__":

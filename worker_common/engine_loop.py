@@ -51,7 +51,9 @@ class EngineLoop:
         self._wake.set()
         return await future
 
-    def subscribe(self, request_id: str, on_step: Callable[[RequestOutput], None] | None = None) -> asyncio.Queue[RequestOutput]:
+    def subscribe(
+        self, request_id: str, on_step: Callable[[RequestOutput], None] | None = None
+    ) -> asyncio.Queue[RequestOutput]:
         """Outputs of ``request_id`` from now on; ``on_step`` runs on each before the next step."""
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._queues[request_id] = queue

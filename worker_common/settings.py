@@ -61,7 +61,7 @@ def parse_worker_args(role: str, argv: list[str] | None = None) -> WorkerSetting
     for name, kind in _ENGINE_FLAGS.items():
         env = os.environ.get(f"SPLITSERVE_{name.upper()}")
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=kind(env) if env else None,
-                            help=f"engine: {EngineConfig.model_fields[name].description or name} (env SPLITSERVE_{name.upper()})")
+                            help=f"engine setting {name} (env SPLITSERVE_{name.upper()})")
     args = vars(parser.parse_args(argv))
     engine = {k: args.pop(k) for k in _ENGINE_FLAGS if args.get(k) is not None}
     for k in _ENGINE_FLAGS:

@@ -11,7 +11,14 @@ from torch import nn
 from engine.attention import Attention
 from engine.models.layers import LayerNorm
 from engine.models.loader import load_named_weights
-from engine.parallel import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding, divide, tp_group
+from engine.parallel import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    divide,
+    tp_group,
+)
 from kernels import Ops
 
 _GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
@@ -86,11 +93,13 @@ class GPT2LMHeadModel(nn.Module):
 
     def __init__(self, cfg: Any, ops: Ops) -> None:
         super().__init__()
-        unsupported = [k for k in ("scale_attn_by_inverse_layer_idx", "add_cross_attention") if getattr(cfg, k, False)]
+        options = ("scale_attn_by_inverse_layer_idx", "add_cross_attention")
+        unsupported = [k for k in options if getattr(cfg, k, False)]
         if unsupported:
             raise ValueError(f"GPT-2 option(s) not supported: {', '.join(unsupported)}")
         if cfg.activation_function not in _GELU:
-            raise ValueError(f"GPT-2 activation {cfg.activation_function!r} not supported; supported: {', '.join(_GELU)}")
+            supported = ", ".join(_GELU)
+            raise ValueError(f"GPT-2 activation {cfg.activation_function!r} not supported; supported: {supported}")
         self.transformer = GPT2Model(cfg, ops)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ops)
         self.lm_head.weight = self.transformer.wte.weight

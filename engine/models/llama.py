@@ -11,7 +11,14 @@ from torch import nn
 from engine.attention import Attention
 from engine.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, rope_parameters
 from engine.models.loader import load_named_weights
-from engine.parallel import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding, divide, tp_group
+from engine.parallel import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    divide,
+    tp_group,
+)
 from kernels import Ops
 
 

@@ -34,7 +34,10 @@ def weight_files(model_dir: str | Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / index_name
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index} has no weight_map")
+            shards = sorted(set(weight_map.values()))
             missing = [s for s in shards if not (path / s).is_file()]
             if missing:
                 raise CheckpointError(f"{index} names shards that are missing: {', '.join(missing)}")
@@ -68,24 +71,32 @@ def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, int, torch
     fused matrix) themselves. Every parameter must be written, or the checkpoint is incomplete.
     """
     params = dict(model.named_parameters(remove_duplicate=False))
-    loaded: set[str] = set()
+    loaded: set[tuple[int, int]] = set()  # (id(param), shard): tied parameters count once
     for name, shard, tensor in weights:
         param = params.get(name)
         if param is None:
             continue  # buffers of other implementations (e.g. attn.masked_bias), heads we tie
         loader = getattr(param, "weight_loader", None)
-        if loader is not None:
-            loader(param, tensor.to(param.dtype), shard)
-        elif param.shape != tensor.shape:
-            raise CheckpointError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
-        else:
-            param.data.copy_(tensor)
-        loaded.add(name)
-    _check_complete(model, params, loaded)
+        try:
+            if loader is not None:
+                loader(param, tensor.to(param.dtype), shard)
+            elif param.shape != tensor.shape:
+                raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
+            else:
+                param.data.copy_(tensor)
+        except ValueError as e:
+            raise CheckpointError(f"{name}: {e}") from None
+        loaded.add((id(param), shard))
+    _check_complete(params, loaded)
 
 
-def _check_complete(model: nn.Module, params: dict[str, nn.Parameter], loaded: set[str]) -> None:
-    loaded_ids = {id(params[n]) for n in loaded}
-    missing = [n for n, p in params.items() if id(p) not in loaded_ids]
+def _check_complete(params: dict[str, nn.Parameter], loaded: set[tuple[int, int]]) -> None:
+    """Every shard of every parameter (q, k and v of a fused qkv, say) must have been written."""
+    missing = [
+        n if getattr(p, "num_shards", 1) == 1 else f"{n} (shard {s})"
+        for n, p in params.items()
+        for s in range(getattr(p, "num_shards", 1))
+        if (id(p), s) not in loaded
+    ]
     if missing:
         raise CheckpointError(f"checkpoint lacks {len(missing)} weights, e.g. {', '.join(missing[:4])}")

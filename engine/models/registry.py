@@ -39,7 +39,7 @@ def build_model(hf_config: Any, ops: Ops) -> nn.Module:
 
 def max_model_len(hf_config: Any) -> int:
     """Longest sequence the model supports: its positions, capped by a sliding window we do not implement."""
-    n = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions")
+    n = getattr(hf_config, "max_position_embeddings", None) or hf_config.n_positions
     window = getattr(hf_config, "sliding_window", None)
     uses_window = getattr(hf_config, "use_sliding_window", True)
     if window and uses_window and window < n:

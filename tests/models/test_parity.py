@@ -71,7 +71,7 @@ def test_greedy_tokens_and_logits_match_transformers(shape: str, make_checkpoint
 
     engine = small_steps_engine(model_dir)
     outputs = engine.generate(batch, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
-    for prompt, out in zip(batch, outputs):
+    for prompt, out in zip(batch, outputs, strict=True):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                               do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
@@ -83,7 +83,7 @@ def test_greedy_tokens_and_logits_match_transformers(shape: str, make_checkpoint
     assert len({t for o in outputs for t in o.token_ids}) > NEW_TOKENS
 
     logits, steps = run_recording(small_steps_engine(model_dir), batch, NEW_TOKENS)
-    for prompt, out, rows in zip(batch, outputs, logits.values()):
+    for prompt, out, rows in zip(batch, outputs, logits.values(), strict=True):
         full = torch.tensor([prompt + out.token_ids[:-1]])
         with torch.no_grad():
             ref_logits = hf(full).logits[0, len(prompt) - 1 :]
@@ -102,7 +102,7 @@ def test_preempted_requests_match_transformers(make_checkpoint: Any) -> None:
     engine = small_steps_engine(model_dir, num_kv_blocks=30, max_num_batched_tokens=64, prefill_chunk_size=64)
     outputs = engine.generate(batch, SamplingParams(max_new_tokens=16, ignore_eos=True))
     assert sum(o.num_preemptions for o in outputs) > 0, "the pool was meant to be too small"
-    for prompt, out in zip(batch, outputs):
+    for prompt, out in zip(batch, outputs, strict=True):
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
                           pad_token_id=0)[0, len(prompt):].tolist()
         assert out.token_ids == ref

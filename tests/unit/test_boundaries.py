@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-OURS = {"engine", "tokenization", "kernels", "worker_common", "kvtransfer", "protos", "gateway", "prefill_worker", "decode_worker", "splitserve"}
+OURS = {
+    "engine", "tokenization", "kernels", "worker_common", "kvtransfer", "protos", "gateway", "prefill_worker",
+    "decode_worker", "splitserve",
+}
 
 FORBIDDEN = {
     "gateway": {"torch", "engine", "kernels", "kvtransfer", "prefill_worker", "decode_worker", "worker_common",
@@ -44,7 +47,10 @@ def test_package_imports_follow_the_design(package: str) -> None:
     assert not {f: b for f, b in bad.items() if b}
 
 
-@pytest.mark.parametrize("module", ["engine.scheduler", "engine.block_manager", "engine.request", "tokenization.detokenizer", "splitserve"])
+PURE = ["engine.scheduler", "engine.block_manager", "engine.request", "tokenization.detokenizer", "splitserve"]
+
+
+@pytest.mark.parametrize("module", PURE)
 def test_pure_modules_do_not_load_torch(module: str) -> None:
     code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
