@@ -67,8 +67,8 @@ def worker_loads(cluster: LocalCluster) -> dict[str, worker_pb2.WorkerLoad]:
     for key in r.scan_iter(f"{cluster.prefix}:worker:*"):
         info = worker_pb2.WorkerInfo.FromString(r.get(key))
         with grpc.insecure_channel(info.address) as ch:
-            stub_class = worker_pb2_grpc.DecodeWorkerStub if info.role == "decode" else worker_pb2_grpc.PrefillWorkerStub
-            stub = stub_class(ch)
+            stubs = {"decode": worker_pb2_grpc.DecodeWorkerStub, "prefill": worker_pb2_grpc.PrefillWorkerStub}
+            stub = stubs[info.role](ch)
             loads[info.worker_id] = stub.Stats(worker_pb2.StatsRequest(), timeout=5).load
     r.close()
     return loads
