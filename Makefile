@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
-DEMO ?= .demo-model
 PYTEST_ARGS ?= -m "not gpu"
 
 .PHONY: install serve test lint clean
@@ -18,17 +17,15 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-$(DEMO)/config.json: | install
-	$(BIN)/splitserve demo-model $(DEMO)
-
-serve: install $(DEMO)/config.json
-	$(BIN)/splitserve generate --model $(DEMO) --prompt "The paged key value cache" --max-new-tokens 32
+serve: install
+	$(BIN)/splitserve serve --port 50051
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) $(DEMO)
+	rm -rf $(VENV)
