@@ -79,6 +79,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from splitserve.bench import run
+
+    return run(args)
+
+
 _PROCESSES = {"gateway": "gateway", "prefill-worker": "prefill_worker", "decode-worker": "decode_worker"}
 
 
@@ -130,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
                            "decode worker dies.")
     add_serve_arguments(serve)
     serve.set_defaults(func=cmd_serve)
+
+    from splitserve.bench import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser("bench", help="load a running gateway and report TTFT, TPOT, ITL, E2E latency, goodput",
+                           description="A load generator against a running gateway (streaming gRPC), with "
+                           "vLLM benchmark_serving's definitions: Poisson arrivals at each --request-rate in turn, "
+                           "a table per rate, optionally every request in --json and a --plot versus the rate.")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
     _add_process_commands(sub)
     return parser
 

@@ -355,6 +355,10 @@ def add_serve_arguments(p: Any) -> None:
                    "$SPLITSERVE_CACHE/demo-model, else ~/.cache/splitserve/demo-model)")
     p.add_argument("--prefill-workers", type=int, default=1, help="prefill worker processes, >= 0 (default: 1)")
     p.add_argument("--decode-workers", type=int, default=1, help="decode worker processes, >= 1 (default: 1)")
+    p.add_argument("--colocated", action="store_true",
+                   help="baseline without disaggregation: prefill and decode on the same engines (every worker is a "
+                        "decode worker computing whole prompts in SplitFuse steps; no KV transfer); the worker count "
+                        "stays --prefill-workers + --decode-workers, so both modes use the same hardware")
     p.add_argument("--port", type=int, default=50051, help="gateway port; 0 = a free one (default: 50051)")
     p.add_argument("--host", default="127.0.0.1", help="gateway address; workers bind 127.0.0.1 (default: 127.0.0.1)")
     p.add_argument("--redis-url", help="use this Redis instead of starting an embedded one")
@@ -413,9 +417,12 @@ def _cluster_from_args(args: Any) -> LocalCluster:
     worker_options = {k: getattr(args, k) for k in _WORKER_FLAGS if getattr(args, k) is not None}
     gateway_options = {k: getattr(args, k) for k in _GATEWAY_FLAGS if getattr(args, k) is not None}
     _validate_options(worker_options, gateway_options)
+    prefill, decode = args.prefill_workers, args.decode_workers
+    if args.colocated:
+        prefill, decode = 0, prefill + decode
     return LocalCluster(
-        args.model if args.model is not None else demo_model_path(), prefill_workers=args.prefill_workers,
-        decode_workers=args.decode_workers, host=args.host, port=args.port, redis_url=args.redis_url,
+        args.model if args.model is not None else demo_model_path(), prefill_workers=prefill,
+        decode_workers=decode, host=args.host, port=args.port, redis_url=args.redis_url,
         prefix=args.prefix, log_format=args.serve_log_format or getattr(args, "log_format", "console"),
         worker_options=worker_options, gateway_options=gateway_options, log_dir=args.log_dir,
         echo_logs=args.log_dir is None, ready_timeout_s=args.ready_timeout,
