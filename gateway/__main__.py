@@ -1,4 +1,4 @@
-"""`python -m gateway --model DIR ...`: one gateway process; a bad value prints one line and exits 2."""
+"""`splitserve gateway` / `python -m gateway`: one gateway process; a bad setting prints one line and exits 2."""
 
 from __future__ import annotations
 
@@ -24,23 +24,24 @@ async def run_until_signalled(settings: GatewaySettings) -> None:
     await gateway.stop(grace_s=5.0)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "splitserve gateway") -> int:
+    """Settings from flags, SPLITSERVE_* variables and --config FILE (see --help), then serves until signalled."""
     try:
-        settings = parse_args(argv)
+        settings = parse_args(argv, prog)
     except SettingsError as e:
-        print(f"gateway: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format)
     try:
         asyncio.run(run_until_signalled(settings))
     except ModelFolderError as e:
-        print(f"gateway: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except StartError as e:
-        print(f"gateway: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="gateway"))
