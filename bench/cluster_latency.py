@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -45,6 +46,12 @@ def timed(fn, repeats: int) -> list[float]:  # type: ignore[no-untyped-def]
 
 
 def main() -> None:
+    # One thread per process on both sides: on a small machine, torch's thread pools in four processes
+    # oversubscribe the cores and the comparison would measure that instead of the cluster's overhead.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model")
     ap.add_argument("--new-tokens", type=int, default=16)

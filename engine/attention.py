@@ -68,11 +68,28 @@ class Attention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq * D]."""
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cos_sin_cache: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq * D].
+
+        With ``positions`` [T] and a rotary ``cos_sin_cache``, q and k are rotated first, in one op
+        with the KV write (the rotated k goes straight into the cache).
+        """
         md = current_metadata()
-        self.ops.kv_write(k, v, self.k_cache, self.v_cache, md.slot_mapping)
+        if cos_sin_cache is None:
+            self.ops.kv_write(k, v, self.k_cache, self.v_cache, md.slot_mapping)
+        else:
+            q = self.ops.rotary_kv_write(
+                positions, q, k, v, cos_sin_cache, self.k_cache, self.v_cache, md.slot_mapping
+            )
         out = self.ops.paged_attention(
-            q, self.k_cache, self.v_cache, md.block_tables, md.query_start_loc, md.seq_lens, self.scale
+            q, self.k_cache, self.v_cache, md.block_tables, md.query_start_loc, md.seq_lens, self.scale,
+            max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,
         )
         return out.flatten(1)

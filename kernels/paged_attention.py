@@ -14,6 +14,8 @@ def paged_attention_ref(
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new queries over all of its cached keys.
 
@@ -28,7 +30,9 @@ def paged_attention_ref(
 
     Hq is a multiple of Hkv (GQA/MQA): query head h reads kv head h // (Hq // Hkv).
     Returns [T, Hq, D] in q's dtype; the arithmetic is float32. Single-token (decode) sequences
-    are done in one batched call, prompt chunks one sequence at a time.
+    are done in one batched call, prompt chunks one sequence at a time. max_query_len / max_seq_len
+    (python ints the engine knows) are accepted and ignored: the Triton launcher
+    (``kernels.paged_attention_triton``) uses them to pick tiles without a sync.
     """
     out = torch.empty_like(q)
     q_lens = (query_start_loc[1:] - query_start_loc[:-1]).tolist()

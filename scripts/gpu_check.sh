@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One GPU session's checks: the gpu-marked tests and the kernel benchmarks, with results under $OUT.
+# Run on a CUDA machine from the repo root, e.g. through the device tool with `.whl` carried:
+#   bash scripts/gpu_check.sh            (OUT defaults to ./gpu-out)
+set -uo pipefail
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then  # wheels the GPU image lacks (../shared/gpu/fetch-wheels.sh)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/models/test_parity_gpu.py \
+  --junitxml="$OUT/gpu-tests.xml" 2>&1 | tail -40 | tee "$OUT/gpu-tests.txt"
+python3 bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
