@@ -60,6 +60,21 @@ def test_kernel_engine_matches_reference_engine(shape: str, dtype: str, make_che
             ref = hf.generate(torch.tensor([p]).cuda(), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
                               pad_token_id=0)[0, len(p):].tolist()
             assert toks == ref
-    else:  # bf16 rounding may flip a near-tie late in a sequence; the first tokens must agree
-        agree = sum(a[:4] == b[:4] for a, b in zip(with_kernels, reference, strict=True))
-        assert agree >= len(reference) - 1, (with_kernels, reference)
+    else:
+        # bf16 rounding flips near-ties of these random models either way, so judge both against the fp32
+        # truth: the kernels (fp32 statistics, one rounding per fused op) must be at least as close as the
+        # references, and mostly right.
+        truth = [o.token_ids for o in engine(model_dir, False, "float32").generate(prompts(), sp)]
+        kernels_ok, reference_ok = _agreement(with_kernels, truth), _agreement(reference, truth)
+        assert kernels_ok >= reference_ok - 1 and kernels_ok >= 0.6 * len(truth) * 4, (kernels_ok, reference_ok)
+
+
+def _agreement(runs: list[list[int]], truth: list[list[int]]) -> int:
+    """Leading tokens (of the first 4 per prompt) equal to the truth, summed over prompts."""
+    total = 0
+    for run, ref in zip(runs, truth, strict=True):
+        for a, b in zip(run[:4], ref[:4], strict=True):
+            if a != b:
+                break
+            total += 1
+    return total
