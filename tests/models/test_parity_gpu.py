@@ -61,20 +61,27 @@ def test_kernel_engine_matches_reference_engine(shape: str, dtype: str, make_che
                               pad_token_id=0)[0, len(p):].tolist()
             assert toks == ref
     else:
-        # bf16 rounding flips near-ties of these random models either way, so judge both against the fp32
-        # truth: the kernels (fp32 statistics, one rounding per fused op) must be at least as close as the
-        # references, and mostly right.
-        truth = [o.token_ids for o in engine(model_dir, False, "float32").generate(prompts(), sp)]
-        kernels_ok, reference_ok = _agreement(with_kernels, truth), _agreement(reference, truth)
-        assert kernels_ok >= reference_ok - 1 and kernels_ok >= 0.6 * len(truth) * 4, (kernels_ok, reference_ok)
+        # Greedy tokens of these random models (huge logits from initializer_range 0.3) flip on bf16 rounding
+        # either way, so bf16 is judged on the logits of the first generated token against the fp32 truth.
+        truth = first_logits(engine(model_dir, False, "float32"))
+        err_kernels = _relative_error(first_logits(engine(model_dir, True, dtype)), truth)
+        err_reference = _relative_error(first_logits(engine(model_dir, False, dtype)), truth)
+        print(f"{shape} bf16 relative logit error: kernels {err_kernels:.4f}, references {err_reference:.4f}")
+        assert err_kernels < 0.05 and err_kernels <= 2 * err_reference + 0.01, (err_kernels, err_reference)
 
 
-def _agreement(runs: list[list[int]], truth: list[list[int]]) -> int:
-    """Leading tokens (of the first 4 per prompt) equal to the truth, summed over prompts."""
-    total = 0
-    for run, ref in zip(runs, truth, strict=True):
-        for a, b in zip(run[:4], ref[:4], strict=True):
-            if a != b:
-                break
-            total += 1
-    return total
+def first_logits(eng: Engine) -> torch.Tensor:
+    """Logits of each prompt's first sampled token, in the (identical) order both engines schedule them."""
+    for p in prompts():
+        eng.add_request(p, SamplingParams(max_new_tokens=1, ignore_eos=True))
+    rows = []
+    while eng.has_unfinished_requests():
+        out = eng.scheduler.schedule()
+        result = eng.runner.execute(out)
+        rows.extend(result.logits)
+        eng.scheduler.update_from_output(out, result.sampled_token_ids)
+    return torch.stack(rows).float()
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
