@@ -67,7 +67,9 @@ def test_kernel_engine_matches_reference_engine(shape: str, dtype: str, make_che
         err_kernels = _relative_error(first_logits(engine(model_dir, True, dtype)), truth)
         err_reference = _relative_error(first_logits(engine(model_dir, False, dtype)), truth)
         print(f"{shape} bf16 relative logit error: kernels {err_kernels:.4f}, references {err_reference:.4f}")
-        assert err_kernels < 0.05 and err_kernels <= 2 * err_reference + 0.01, (err_kernels, err_reference)
+        # Measured on an H100: the kernels' error is within 7% of the references' on every shape (bf16 itself
+        # is 1-10% off fp32 on these models), so the kernels may not be worse than that.
+        assert err_kernels <= 1.2 * err_reference + 0.005, (err_kernels, err_reference)
 
 
 def first_logits(eng: Engine) -> torch.Tensor:
