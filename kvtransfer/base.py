@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import enum
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -68,6 +69,27 @@ class TransferResult:
     def gbps(self) -> float:
         """Payload throughput in GB/s (10^9 bytes per second)."""
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+class TransferRecord:
+    """The bookkeeping both ends of a transfer keep, and the TransferResult it amounts to."""
+
+    request_id: str
+    _state: TransferState
+    _coverage: Any  # kvtransfer.coverage.Coverage: which tokens have arrived
+    _bytes: int
+    _first_token: int | None
+    _error: str | None
+    _t_start: float
+    _t_first: float | None
+    _t_end: float | None
+
+    def result(self) -> TransferResult:
+        """Seconds run from the first byte (or the start, if none came) to the end (or now)."""
+        start = self._t_first if self._t_first is not None else self._t_start
+        end = self._t_end if self._t_end is not None else time.monotonic()
+        return TransferResult(self.request_id, self._state, self._coverage.num_seen, self._bytes, end - start,
+                              self._first_token, self._error)
 
 
 class KVSender(ABC):

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from kvtransfer.base import KVReceiver, TransferResult, TransferState, WriteFn
+from kvtransfer.base import KVReceiver, TransferRecord, TransferResult, TransferState, WriteFn
 from kvtransfer.coverage import Coverage
 from kvtransfer.layout import KVLayout, LayoutMismatch
 
@@ -24,7 +24,7 @@ class Peer(ABC):
     def send_abort(self, request_id: str, reason: str) -> None: ...
 
 
-class Receiver(KVReceiver):
+class Receiver(KVReceiver, TransferRecord):
     """One expected request. Bound to the first connection that sends for it; forgotten once final."""
 
     def __init__(self, inbox: Inbox, request_id: str, layout: KVLayout, num_tokens: int, write: WriteFn) -> None:
@@ -56,19 +56,6 @@ class Receiver(KVReceiver):
 
     def abort(self, reason: str) -> None:
         self._fail(f"aborted by the decode worker: {reason}", tell_abort=True)
-
-    def result(self) -> TransferResult:
-        start = self._t_first if self._t_first is not None else self._t_start
-        end = self._t_end if self._t_end is not None else time.monotonic()
-        return TransferResult(
-            self.request_id,
-            self._state,
-            self._coverage.num_seen,
-            self._bytes,
-            end - start,
-            self._first_token,
-            self._error,
-        )
 
     def _progress(self) -> str:
         return f"{self._coverage.num_seen} of {self.num_tokens} tokens written"

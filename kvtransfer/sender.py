@@ -9,7 +9,7 @@ from collections.abc import Awaitable
 
 import torch
 
-from kvtransfer.base import KVSender, TransferError, TransferResult, TransferState, TransferTimeout
+from kvtransfer.base import KVSender, TransferError, TransferRecord, TransferResult, TransferState, TransferTimeout
 from kvtransfer.coverage import Coverage
 from kvtransfer.layout import KVLayout
 from kvtransfer.metadata import Destination
@@ -71,7 +71,7 @@ class Link(ABC):
             sender._fail(f"connection to {self.endpoint} lost: {reason}", tell=False)
 
 
-class Sender(KVSender):
+class Sender(KVSender, TransferRecord):
     """One request's KV on its way to ``dest``; attached to ``link`` until it is final."""
 
     def __init__(
@@ -131,19 +131,6 @@ class Sender(KVSender):
 
     def abort(self, reason: str) -> None:
         self._fail(f"aborted by the prefill worker: {reason}", tell=True, wire_reason=reason)
-
-    def result(self) -> TransferResult:
-        start = self._t_first if self._t_first is not None else self._t_start
-        end = self._t_end if self._t_end is not None else time.monotonic()
-        return TransferResult(
-            self.request_id,
-            self._state,
-            self._coverage.num_seen,
-            self._bytes,
-            end - start,
-            self._first_token,
-            self._error,
-        )
 
     async def _end_and_wait(self, first_token: int | None) -> None:
         await self._io(self._link.send_end(self.request_id, first_token, self.num_tokens), "sending END")
