@@ -18,12 +18,21 @@ MODELS: dict[str, type[nn.Module]] = {
 }
 
 
+# A config made in memory (AutoModelForCausalLM.from_config) names no architectures, only its type.
+BY_MODEL_TYPE = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+}
+
+
 class UnsupportedModelError(ValueError):
     pass
 
 
 def model_class(hf_config: Any) -> type[nn.Module]:
     archs = list(getattr(hf_config, "architectures", None) or [])
+    if not archs and getattr(hf_config, "model_type", None) in BY_MODEL_TYPE:
+        archs = [BY_MODEL_TYPE[hf_config.model_type]]
     for arch in archs:
         if arch in MODELS:
             return MODELS[arch]

@@ -151,6 +151,22 @@ def test_init_inference_from_a_transformers_model(llama: Path, expected: list[in
     assert engine.generate([PROMPT], greedy())[0].token_ids == expected
 
 
+def test_init_inference_from_a_model_built_in_memory() -> None:
+    """from_config leaves config.architectures empty: the model type must be enough."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.models.demo import hf_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_config("qwen2"), dtype=torch.float32).eval()
+    assert not model.config.architectures
+    engine = init_inference(model, {"dtype": "fp32", "num_kv_blocks": NUM_BLOCKS, "block_size": 4})
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([PROMPT]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                             pad_token_id=0)[0, len(PROMPT):].tolist()
+    assert engine.generate([PROMPT], SamplingParams(max_new_tokens=6, ignore_eos=True))[0].token_ids == ref
+
+
 def test_init_inference_refuses_unknown_keys(llama: Path) -> None:
     with pytest.raises(ValidationError, match="bogus"):
         init_inference(llama, {"bogus": 1})
