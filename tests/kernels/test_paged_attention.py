@@ -188,14 +188,17 @@ def build_for_h100(dtype: str, head_dim: int, block_m: int, block_n: int, splits
         assert _compile_for_h100(pa._reduce_splits_kernel, reduce, constexprs, num_warps=4).asm["cubin"]
 
 
+def _triton_has_cuda_backend() -> bool:
+    return "nvidia" in importlib.import_module("triton.backends").backends
+
+
 @pytest.mark.skipif(not INTERPRETED, reason="on a GPU the other tests compile the kernels")
+@pytest.mark.skipif(not _triton_has_cuda_backend(), reason="this triton build has no CUDA backend to compile with")
 @pytest.mark.parametrize("case", [("bf16", 128, 16, 32, 8, 4), ("fp16", 80, 128, 64, 1, 8)],
                          ids=["decode-split", "prefill"])
 def test_compiles_for_h100(case: tuple[Any, ...]) -> None:
     """The interpreter runs the Python, not the compiler: build the real sm_90 code too (no GPU needed),
     in a child process where triton is imported without TRITON_INTERPRET."""
-    if "nvidia" not in importlib.import_module("triton.backends").backends:
-        pytest.skip("this triton has no CUDA backend")
     root = Path(__file__).resolve().parents[2]
     code = (f"import sys; sys.path[:0] = [{str(root)!r}, {str(Path(__file__).parent)!r}]; "
             f"import test_paged_attention as t; t.build_for_h100(*{case!r})")
