@@ -78,7 +78,9 @@ class BlockManager:
 
         All or nothing: returns False and changes nothing when the pool has too few free blocks.
         """
-        num_new_blocks = self.num_new_blocks_needed(request, num_new_tokens)
+        num_new_blocks = -(-(request.num_computed_tokens + num_new_tokens) // self._block_size) - len(request.block_ids)
+        if num_new_blocks <= 0:  # the common decode step: the last block has room
+            return True
         if num_new_blocks > len(self._free_block_ids):
             return False
         for _ in range(num_new_blocks):
@@ -88,7 +90,8 @@ class BlockManager:
         return True
 
     def free(self, request: Request) -> None:
-        """Drop the request's hold on its blocks and clear ``request.block_ids``.
+        """Drop the request's hold on its blocks and give it a new, empty ``block_ids`` list (a new
+        list, not a cleared one: whoever mirrors the old list, e.g. the step-input builder, sees the change).
 
         Blocks go back in reverse order, so that a request's tail (the least likely to be shared)
         is reused first; a block shared with another request stays allocated.
@@ -97,7 +100,7 @@ class BlockManager:
             self._ref_counts[block_id] -= 1
             if self._ref_counts[block_id] == 0:
                 self._free_block_ids.append(block_id)
-        request.block_ids.clear()
+        request.block_ids = []
 
     def share(self, block_ids: Iterable[int]) -> list[int]:
         """Take one more hold on each of ``block_ids`` (all allocated) and return them as a new list.

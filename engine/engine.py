@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import time
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +26,16 @@ log = structlog.get_logger(__name__)
 Prompt = str | Sequence[int]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RequestOutput:
-    """A request's state after a step; ``new_*`` is what this step added (for streaming)."""
+    """A request's state after a step; ``new_*`` is what this step added (for streaming).
+
+    ``token_ids`` (all output tokens so far) is a copy made when read: a step builds an output per
+    running request, and copying every request's whole output each step would cost O(length) per token.
+    """
 
     request_id: str
     prompt_token_ids: list[int]
-    token_ids: list[int]
     new_token_ids: list[int]
     text: str
     new_text: str
@@ -38,12 +43,41 @@ class RequestOutput:
     finish_reason: str | None
     num_preemptions: int = 0
     num_computed_tokens: int = 0
+    num_output_tokens: int = 0
+    _output_ids: list[int] = field(default_factory=list, repr=False)  # the request's list; only ever appended to
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self._output_ids[: self.num_output_tokens]
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """Where one ``step()`` spent its time: ``host_s`` is the CPU's own work (scheduling, inputs,
+    launches, outputs), ``device_wait_s`` the wait for the GPU's sampled tokens."""
+
+    num_seqs: int
+    num_tokens: int
+    cuda_graph: bool
+    wall_s: float
+    device_wait_s: float
+
+    @property
+    def decode_only(self) -> bool:
+        return self.num_tokens == self.num_seqs
+
+    @property
+    def host_s(self) -> float:
+        return self.wall_s - self.device_wait_s
 
 
 class Engine:
     """One model replica in this process. Not thread-safe: one caller drives ``step()``."""
 
-    def __init__(self, config: EngineConfig, hf_config: Any = None, weights: Any = None, tokenizer: Any = None) -> None:
+    def __init__(self, config: EngineConfig, hf_config: Any = None, weights: Any = None, tokenizer: Any = None,
+                 *, detokenize: bool = True) -> None:
+        """``detokenize=False`` (workers, whose gateway makes the text): text only for requests with stop
+        strings, which need it to stop; the others skip a tokenizer call per token."""
         if hf_config is None:
             if not config.model:
                 raise ValueError("no model: set config.model to a checkpoint folder")
@@ -52,9 +86,10 @@ class Engine:
         _refuse_unbuilt_features(config)
         self.config, self.hf_config = config, hf_config
         self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(config.model)
+        self.detokenize = detokenize
         self.eos_token_ids = _eos_token_ids(hf_config, config.model)
         self.max_model_len = _max_len(config, hf_config)
-        self.runner = ModelRunner(config, hf_config, weights)
+        self.runner = ModelRunner(config, hf_config, weights, self.max_model_len)
         self.scheduler = Scheduler(
             BlockManager(self.runner.kv_cache.num_blocks, config.block_size),
             max_num_batched_tokens=config.max_num_batched_tokens,
@@ -65,6 +100,7 @@ class Engine:
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._kept: dict[str, Request] = {}  # keep_kv requests, until release_kv
         self._ids = itertools.count()
+        self.step_timings: deque[StepTiming] = deque(maxlen=4096)  # the latest steps, for benchmarks and metrics
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(
@@ -134,7 +170,7 @@ class Engine:
         return request
 
     def _track_text(self, request: Request) -> None:
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and (self.detokenize or request.sampling.stop):
             self._detokenizers[request.request_id] = IncrementalDetokenizer(
                 self.tokenizer, request.prompt_token_ids, request.sampling.stop
             )
@@ -165,12 +201,18 @@ class Engine:
     # -- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, and return the requests that produced a token."""
+        start = time.perf_counter()
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return []
         result = self.runner.execute(scheduled)
         self.scheduler.update_from_output(scheduled, result.sampled_token_ids)
-        return self._outputs(scheduled, result.sampled_token_ids)
+        outputs = self._outputs(scheduled, result.sampled_token_ids)
+        self.step_timings.append(StepTiming(
+            len(scheduled.scheduled), scheduled.num_batched_tokens, result.cuda_graph,
+            time.perf_counter() - start, self.runner.last_device_wait_s,
+        ))
+        return outputs
 
     def _outputs(self, scheduled: SchedulerOutput, sampled: list[int | None]) -> list[RequestOutput]:
         return [
@@ -180,7 +222,7 @@ class Engine:
         ]
 
     def _output(self, req: Request, token: int | None) -> RequestOutput:
-        detok = self._detokenizers.get(req.request_id)
+        detok = self._detokenizers.get(req.request_id) if self._detokenizers else None
         new_text = ""
         if detok is not None and token is not None:
             new_text = detok.add(token)
@@ -193,10 +235,12 @@ class Engine:
                 if detok.stop_hit is None:
                     new_text += detok.flush()
                 del self._detokenizers[req.request_id]
+        status = req.status
+        outputs = req.output_token_ids
         return RequestOutput(
-            req.request_id, req.prompt_token_ids, list(req.output_token_ids), [] if token is None else [token],
-            detok.text if detok else "", new_text, req.is_finished, req.status.finish_reason, req.num_preemptions,
-            req.num_computed_tokens,
+            req.request_id, req.prompt_token_ids, [] if token is None else [token], detok.text if detok else "",
+            new_text, status.is_finished, status.finish_reason, req.num_preemptions, req.num_computed_tokens,
+            len(outputs), outputs,
         )
 
     def generate(
@@ -240,7 +284,6 @@ def _refuse_unbuilt_features(config: EngineConfig) -> None:
     unbuilt = {
         "tensor_parallel.tp_size > 1 (multi-rank workers)": config.tp_size > 1,
         "quant.enabled (INT8 weights)": config.quant.enabled,
-        "enable_cuda_graph": config.enable_cuda_graph,
     }
     asked = [name for name, on in unbuilt.items() if on]
     if asked:

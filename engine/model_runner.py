@@ -1,37 +1,39 @@
-"""Turns a SchedulerOutput into tensors, runs the model over the flat batch, and samples."""
+"""Turns a SchedulerOutput into tensors, runs the model over the flat batch (or replays a decode graph), and samples.
+
+Start-up on a GPU: weights, then a profile of the largest eager step and of the largest decode step
+(their activation peaks are kept free), then the KV pool, sized as ``kv_cache_memory_fraction`` of the
+free memory left, then the decode graphs (``enable_cuda_graph``).
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 import torch
 
-from engine.attention import AttentionMetadata, forward_context
+from engine.attention import forward_context
 from engine.config import EngineConfig, torch_dtype
+from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import KVCache, KVLayout, attention_layers
 from engine.models.loader import iter_weights
 from engine.models.registry import build_model
+from engine.request import Request, SamplingParams
 from engine.sampler import Sampler, make_sampling_batch
-from engine.scheduler import SchedulerOutput
+from engine.scheduler import ScheduledRequest, SchedulerOutput
+from engine.step_inputs import InputBuilder
 from kernels import get_ops
 
 log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
-class StepInputs:
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    metadata: AttentionMetadata
-    logits_indices: torch.Tensor  # rows of the flat batch whose next token is sampled
-
-
-@dataclass(frozen=True)
 class ModelOutput:
     sampled_token_ids: list[int | None]  # one per scheduled request, None where it did not sample
     logits: torch.Tensor  # [number of sampling requests, vocab] float32, in scheduled order
+    cuda_graph: bool = False  # the step replayed a decode graph
 
 
 def resolve_device(name: str) -> torch.device:
@@ -43,18 +45,30 @@ def resolve_device(name: str) -> torch.device:
 
 
 class ModelRunner:
-    """Owns the model, the KV pool and the sampler of one rank."""
+    """Owns the model, the KV pool, the step inputs, the decode graphs and the sampler of one rank."""
 
-    def __init__(self, config: EngineConfig, hf_config: Any, weights: Any = None) -> None:
+    def __init__(self, config: EngineConfig, hf_config: Any, weights: Any = None, max_model_len: int = 2048) -> None:
         self.config = config
         self.device = resolve_device(config.device)
+        if config.enable_cuda_graph and self.device.type != "cuda":
+            raise ValueError("enable_cuda_graph needs a CUDA device; this engine runs on the CPU")
         ckpt_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
         self.dtype = torch_dtype(config.resolve_dtype(self.device.type, _dtype_name(ckpt_dtype)))
         backend = "triton" if config.use_kernels(self.device.type) else "torch"
         self.model = self._build(hf_config, backend, weights)
         self.vocab_size = hf_config.vocab_size
-        self.kv_cache = self._allocate_kv_cache()
         self.sampler = Sampler(config.seed)
+        self.last_device_wait_s = 0.0  # time the last execute() waited for the device (its one sync)
+        attn = attention_layers(self.model)
+        self.kv_layout = KVLayout(len(attn), config.block_size, attn[0].num_kv_heads, attn[0].head_dim, self.dtype)
+        self.max_model_len = max_model_len
+        self.builder = self._input_builder(-(-max_model_len // config.block_size))
+        self.kv_cache = self._allocate_kv_cache()
+        self.graphs: DecodeGraphs | None = None
+        if config.enable_cuda_graph:
+            self.graphs = DecodeGraphs(self.model, config.max_num_seqs, self.max_blocks_per_seq,
+                                       self.max_seq_len, self.device)
+            self.graphs.capture()
 
     def _build(self, hf_config: Any, backend: str, weights: Any) -> torch.nn.Module:
         previous = torch.get_default_dtype()
@@ -67,20 +81,29 @@ class ModelRunner:
         model.load_weights(weights if weights is not None else iter_weights(self.config.model))
         return model.eval()
 
+    def _input_builder(self, max_blocks_per_seq: int) -> InputBuilder:
+        self.max_blocks_per_seq = max_blocks_per_seq
+        return InputBuilder(self.config.max_num_seqs, self.config.max_num_batched_tokens, max_blocks_per_seq,
+                            self.config.block_size, self.device)
+
+    @property
+    def max_seq_len(self) -> int:
+        return min(self.max_model_len, self.kv_cache.num_blocks * self.config.block_size)
+
     def _allocate_kv_cache(self) -> KVCache:
-        attn = attention_layers(self.model)
-        layout = KVLayout(len(attn), self.config.block_size, attn[0].num_kv_heads, attn[0].head_dim, self.dtype)
+        layout = self.kv_layout
         num_blocks = self.config.num_kv_blocks or self._blocks_that_fit(layout)
         cache = KVCache(layout, num_blocks, self.device)
         cache.bind(self.model)
+        if num_blocks < self.max_blocks_per_seq:  # no sequence can outgrow the pool: narrower tables
+            self.builder = self._input_builder(num_blocks)
         log.info("kv_cache_allocated", blocks=num_blocks, tokens=num_blocks * layout.block_size,
                  gib=round(cache.nbytes / 2**30, 3), device=str(self.device))
         return cache
 
     def _blocks_that_fit(self, layout: KVLayout) -> int:
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = free * self.config.kv_cache_memory_fraction
+            budget = self._gpu_kv_budget(layout)
         else:
             budget = self.config.cpu_kv_cache_gib * 2**30
         blocks = int(budget // layout.bytes_per_block())
@@ -88,53 +111,72 @@ class ModelRunner:
             raise RuntimeError("no memory left for one KV-cache block; use a smaller model or a larger KV budget")
         return blocks
 
+    def _gpu_kv_budget(self, layout: KVLayout) -> float:
+        """``kv_cache_memory_fraction`` of the memory free after the weights, the activation peak of the
+        largest eager step and (with graphs) of the largest decode step, measured by running them."""
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        cfg = self.config
+        eager_peak = self._profile_peak(cfg.max_num_batched_tokens, min(cfg.max_num_seqs, cfg.max_num_batched_tokens))
+        graph_peak = self._profile_peak(cfg.max_num_seqs, cfg.max_num_seqs) if cfg.enable_cuda_graph else 0
+        budget = cfg.kv_cache_memory_fraction * (free - eager_peak - graph_peak)
+        log.info("kv_cache_budget", free_gib=round(free / 2**30, 2), eager_peak_gib=round(eager_peak / 2**30, 3),
+                 graph_peak_gib=round(graph_peak / 2**30, 3), fraction=cfg.kv_cache_memory_fraction,
+                 kv_gib=round(budget / 2**30, 2))
+        return budget
+
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput) -> ModelOutput:
-        inputs = self.prepare_inputs(output)
-        with forward_context(inputs.metadata):
-            hidden = self.model(inputs.input_ids, inputs.positions)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()
-        rows = [s for s in output.scheduled if s.samples]
+    def _profile_peak(self, num_tokens: int, num_seqs: int) -> int:
+        """Peak bytes a step of ``num_tokens`` tokens over ``num_seqs`` sampled sequences allocates beyond
+        what is held now (the step runs against a throwaway KV pool just big enough for it; its kernels
+        are compiled on the way, so the first request pays no JIT)."""
+        bs = self.config.block_size
+        per_seq = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
+        blocks = [-(-n // bs) for n in per_seq]
+        scratch = KVCache(self.kv_layout, sum(blocks), self.device)
+        scratch.bind(self.model)
+        scheduled, first = [], 0
+        for i, n in enumerate(per_seq):
+            request = Request(f"profile-{i}", [0] * n, SamplingParams(max_new_tokens=1))
+            request.block_ids = list(range(first, first + blocks[i]))
+            first += blocks[i]
+            scheduled.append(ScheduledRequest(request, n, 0, True))
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        held = torch.cuda.memory_allocated(self.device)
+        self.execute(SchedulerOutput(tuple(scheduled), (), num_tokens), use_graphs=False)
+        peak = torch.cuda.max_memory_allocated(self.device) - held
+        del scratch
+        torch.cuda.empty_cache()
+        return peak
+
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput, use_graphs: bool = True) -> ModelOutput:
+        sched = output.scheduled
+        bucket = None
+        if use_graphs and self.graphs is not None and output.num_batched_tokens == len(sched) \
+                and all(s.samples for s in sched):
+            bucket = self.graphs.bucket(len(sched))
+        inputs = self.builder.build(sched, pad_to=bucket)
+        if bucket is not None:
+            logits = self.graphs.run(inputs)  # type: ignore[union-attr]
+        else:
+            with forward_context(inputs.metadata):
+                hidden = self.model(inputs.input_ids, inputs.positions)
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        logits = logits.float()
+        rows = [s for s in sched if s.samples]
         batch = make_sampling_batch(
             [s.request.sampling for s in rows], [s.request.num_output_tokens for s in rows], self.device
         )
-        tokens = iter(self.sampler(logits, batch).tolist())  # the step's one host sync
-        return ModelOutput([next(tokens) if s.samples else None for s in output.scheduled], logits)
-
-    def prepare_inputs(self, output: SchedulerOutput) -> StepInputs:
-        sched = output.scheduled
-        bs = self.config.block_size
-        input_ids: list[int] = []
-        starts, ends, lens = [0], [], []
-        for s in sched:
-            input_ids.extend(s.request.token_slice(s.start, s.end))
-            starts.append(starts[-1] + s.num_new_tokens)
-            ends.append(s.end)
-            lens.append(s.num_new_tokens)
-        width = max(len(s.request.block_ids) for s in sched)
-        tables = torch.tensor([s.request.block_ids + [0] * (width - len(s.request.block_ids)) for s in sched],
-                              dtype=torch.int32)
-        seq_idx = torch.repeat_interleave(torch.arange(len(sched)), torch.tensor(lens))
-        start_of = torch.tensor([s.start for s in sched])
-        positions = torch.arange(len(input_ids)) - torch.tensor(starts[:-1]).repeat_interleave(torch.tensor(lens))
-        positions += start_of[seq_idx]
-        slots = tables[seq_idx, positions // bs].long() * bs + positions % bs
-        logits_indices = torch.tensor([starts[i + 1] - 1 for i, s in enumerate(sched) if s.samples], dtype=torch.long)
-        dev = self.device
-        metadata = AttentionMetadata(
-            slot_mapping=slots.to(dev, non_blocking=True),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(ends, dtype=torch.int32).to(dev, non_blocking=True),
-            block_tables=tables.to(dev, non_blocking=True),
-            max_query_len=max(lens),
-            max_seq_len=max(ends),
-        )
-        return StepInputs(
-            torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True),
-            positions.to(dev, non_blocking=True),
-            metadata,
-            logits_indices.to(dev, non_blocking=True),
-        )
+        sampled = self.sampler(logits, batch)
+        start = time.perf_counter()
+        tokens = sampled.tolist()  # the step's one host sync
+        self.last_device_wait_s = time.perf_counter() - start
+        if len(rows) == len(sched):
+            return ModelOutput(tokens, logits, bucket is not None)
+        it = iter(tokens)
+        return ModelOutput([next(it) if s.samples else None for s in sched], logits, bucket is not None)
 
 
 def _dtype_name(dtype: Any) -> str | None:

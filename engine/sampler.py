@@ -23,7 +23,8 @@ class SamplingBatch:
     (1 = off). ``seeds[i]`` is the request seed, or None when unseeded or greedy.
     ``output_index[i]`` is how many tokens row i's request has output so far; with the seed it
     fixes the row's noise, so a seeded request repeats exactly across batches and preemption.
-    ``any_top_k`` / ``any_top_p`` only count sampled (non-greedy) rows.
+    ``any_top_k`` / ``any_top_p`` only count sampled (non-greedy) rows. An all-greedy batch
+    carries empty tensors and no seeds (argmax needs none of them).
     """
 
     temperature: Tensor
@@ -42,8 +43,10 @@ def make_sampling_batch(
     """Builds the step's batch with one host-to-device copy per tensor."""
     if len(params) != len(output_index):
         raise ValueError(f"{len(params)} params but {len(output_index)} output indices")
-    device = torch.device(device)
     sampled = [p for p in params if not p.greedy]
+    if not sampled:  # greedy needs no per-row settings: no tensors, no copies
+        return _ALL_GREEDY
+    device = torch.device(device)
     return SamplingBatch(
         temperature=_to_device([p.temperature for p in params], torch.float32, device),
         top_k=_to_device([p.top_k for p in params], torch.int64, device),
@@ -54,6 +57,10 @@ def make_sampling_batch(
         seeds=tuple(None if p.greedy else p.seed for p in params),
         output_index=tuple(output_index),
     )
+
+
+_NONE = torch.empty(0)
+_ALL_GREEDY = SamplingBatch(_NONE, _NONE, _NONE, True, False, False, (), ())
 
 
 def _to_device(values: list[float] | list[int], dtype: torch.dtype, device: torch.device) -> Tensor:

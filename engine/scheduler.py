@@ -10,7 +10,7 @@ from engine.block_manager import BlockManager
 from engine.request import Request, RequestStatus
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ScheduledRequest:
     """This step computes tokens ``[start, start + num_new_tokens)`` of ``request.token_ids``.
 
@@ -52,14 +52,12 @@ class _Step:
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.scheduled: list[ScheduledRequest] = []
-        self.scheduled_ids: set[str] = set()
         self.preempted: list[Request] = []
 
     def add(self, request: Request, num_new_tokens: int) -> None:
         start = request.num_computed_tokens
-        samples = start + num_new_tokens == request.num_tokens
+        samples = start + num_new_tokens == len(request.prompt_token_ids) + len(request.output_token_ids)
         self.scheduled.append(ScheduledRequest(request, num_new_tokens, start, samples))
-        self.scheduled_ids.add(request.request_id)
         self.budget -= num_new_tokens
 
     def output(self, max_num_batched_tokens: int) -> SchedulerOutput:
@@ -211,21 +209,34 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         step = _Step(self.max_num_batched_tokens)
-        self._schedule_running(step, decodes=True)
-        self._schedule_running(step, decodes=False)
+        chunks = self._schedule_decodes(step)
+        self._schedule_chunks(step, chunks)
         if not step.preempted:
             self._schedule_waiting(step)
         return step.output(self.max_num_batched_tokens)
 
-    def _schedule_running(self, step: _Step, *, decodes: bool) -> None:
-        """Decodes (one token left) or partly computed prompts of running requests, oldest first."""
+    def _schedule_decodes(self, step: _Step) -> list[Request]:
+        """Running requests with one token left (decodes), oldest first; returns the ones with more left
+        (partly computed prompts), in the same order. This loop runs once per request per step: keep it lean."""
+        chunks: list[Request] = []
+        running = RequestStatus.RUNNING
         for request in list(self._running.values()):
+            uncomputed = len(request.prompt_token_ids) + len(request.output_token_ids) - request.num_computed_tokens
+            if uncomputed > 1:
+                chunks.append(request)
+            elif uncomputed == 1 and step.budget > 0 and request.status is running \
+                    and self._allocate_or_preempt(step, request, 1):
+                step.add(request, 1)
+        return chunks
+
+    def _schedule_chunks(self, step: _Step, chunks: list[Request]) -> None:
+        """Partly computed prompts of running requests (not preempted meanwhile), oldest first."""
+        for request in chunks:
             if step.budget == 0:
                 return
-            uncomputed = request.num_uncomputed_tokens
-            if request.status != RequestStatus.RUNNING or uncomputed == 0 or (uncomputed == 1) != decodes:
+            if request.status != RequestStatus.RUNNING:
                 continue
-            num_new = min(uncomputed, self.prefill_chunk_size, step.budget)
+            num_new = min(request.num_uncomputed_tokens, self.prefill_chunk_size, step.budget)
             if self._allocate_or_preempt(step, request, num_new):
                 step.add(request, num_new)
 
@@ -240,8 +251,9 @@ class Scheduler:
         return True
 
     def _newest_unscheduled(self, step: _Step) -> Request:
+        scheduled = {item.request.request_id for item in step.scheduled}  # built only when blocks run out
         for request in reversed(self._running.values()):
-            if request.request_id not in step.scheduled_ids:
+            if request.request_id not in scheduled:
                 return request
         raise AssertionError("unreachable: the request being scheduled is itself running and unscheduled")
 
@@ -276,7 +288,7 @@ class Scheduler:
         finished: list[Request] = []
         for item, token_id in zip(output.scheduled, sampled_token_ids, strict=True):
             request = item.request
-            if request.is_finished:
+            if request.status.is_finished:
                 continue
             request.num_computed_tokens += item.num_new_tokens
             if token_id is None:
@@ -290,13 +302,14 @@ class Scheduler:
 
     def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
         sampling = request.sampling
-        if request.num_output_tokens >= sampling.max_new_tokens:
+        num_output = len(request.output_token_ids)
+        if num_output >= sampling.max_new_tokens:
             return RequestStatus.FINISHED_LENGTH
         is_eos = token_id in request.eos_token_ids and not sampling.ignore_eos
         if is_eos or token_id in sampling.stop_token_ids:
             request.stop_reason = token_id
             return RequestStatus.FINISHED_STOPPED
-        if request.num_tokens >= self.max_model_len:
+        if len(request.prompt_token_ids) + num_output >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 

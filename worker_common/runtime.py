@@ -48,7 +48,7 @@ class WorkerRuntime:
     def __init__(self, settings: WorkerSettings, role: str) -> None:
         self.settings, self.role = settings, role
         self.worker_id = settings.resolved_worker_id(role)
-        self.engine = Engine(settings.engine)
+        self.engine = Engine(settings.engine, detokenize=False)  # the gateway makes the text
         self.loop = EngineLoop(self.engine)
         self.redis = aioredis.from_url(settings.redis_url)
         self.metadata = RedisMetadataStore(self.redis, settings.prefix)

@@ -264,6 +264,16 @@ def test_stop_string_cuts_text_right_before_it(llama: Path) -> None:
     assert engine.scheduler.block_manager.num_free_blocks == NUM_BLOCKS
 
 
+def test_without_detokenize_only_stop_string_requests_get_text(llama: Path) -> None:
+    """Workers (detokenize=False) skip text, except where a stop string needs it; tokens are unchanged."""
+    full = make_engine(llama).generate(["The quick brown fox"], greedy(20))[0]
+    stop, at = pick_stop_string(full.text)
+    engine = Engine(make_engine(llama).config, detokenize=False)
+    plain, stopped = engine.generate(["The quick brown fox"] * 2, [greedy(20), greedy(20, stop=[stop])])
+    assert plain.token_ids == full.token_ids and plain.text == ""
+    assert stopped.finish_reason == "stop" and stopped.text == full.text[:at]
+    assert stopped.token_ids == full.token_ids[: len(stopped.token_ids)]
+
 
 def test_stop_string_on_the_last_allowed_token_reports_stop(llama: Path) -> None:
     engine = make_engine(llama)

@@ -1,0 +1,68 @@
+"""Where a decode step's GPU time goes: torch.profiler over eager decode steps of a real-shaped model.
+
+    python bench/decode_profile.py --shape llama-3.1-8b [--batch 1] [--context 576]
+
+Prints the kernels by total CUDA time per step, and the step's sum against the bandwidth floor (the
+bytes the step must read over the copy bandwidth measured in the same run). Eager steps run the same
+kernels a CUDA graph replays; the gaps between them (launch overhead) are what graphs remove.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from bench.engine import SHAPES, build_hf, copy_bandwidth, floor_bytes_per_step  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-3.1-8b", choices=list(SHAPES))
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=576)
+    ap.add_argument("--steps", type=int, default=8)
+    args = ap.parse_args()
+    from engine.engine import init_inference
+    from engine.request import SamplingParams
+
+    bw = copy_bandwidth()
+    hf = build_hf(args.shape)
+    engine = init_inference(hf, {"dtype": str(SHAPES[args.shape]["dtype"]).removeprefix("torch."),
+                                 "kv_cache_memory_fraction": 0.3, "max_num_seqs": max(args.batch, 8)})
+    g = torch.Generator().manual_seed(0)
+    for _ in range(args.batch):
+        prompt = torch.randint(100, 30000, (args.context,), generator=g).tolist()
+        engine.add_request(prompt, SamplingParams(max_new_tokens=4 * args.steps, ignore_eos=True))
+    while not (engine.step_timings and engine.step_timings[-1].decode_only):
+        engine.step()
+    for _ in range(2):
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            engine.step()
+        torch.cuda.synchronize()
+    per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = per_kernel[e.name[:90]]
+            k[0] += e.device_time_total / args.steps
+            k[1] += 1 / args.steps
+    total = sum(v[0] for v in per_kernel.values())
+    floor_us = floor_bytes_per_step(hf, args.batch, args.context) / bw * 1e6
+    print(f"{torch.cuda.get_device_name()}  {args.shape}  batch {args.batch}  context {args.context}  "
+          f"copy {bw / 1e9:.0f} GB/s")
+    print(f"kernel time per step {total:.0f} us, floor {floor_us:.0f} us ({total / floor_us:.2f}x)")
+    for name, (us, calls) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:14]:
+        print(f"{us:9.1f} us {us / total:6.1%} {calls:5.0f} calls  {name}")
+
+
+if __name__ == "__main__":
+    main()

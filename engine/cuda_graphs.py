@@ -1,0 +1,103 @@
+"""CUDA graphs of decode steps (one new token per sequence) at bucketed batch sizes.
+
+A decode step of a small model is a few hundred short kernels; launched one by one from Python, the
+launches take longer than the GPU work. Each bucket size gets one graph of the model's forward and
+logits, captured at start-up over static input buffers; a step of n sequences copies its inputs into
+the buffers of the smallest bucket >= n (padding rows write no KV, see ``engine.step_inputs``) and
+replays. Mixed SplitFuse steps (prompt chunks) run eagerly. Graphs share one memory pool, captured
+largest first so the smaller ones reuse its blocks.
+
+Attention's launch shape is fixed at capture: decode tiles, and the split-KV count chosen for the
+longest context the pool can hold (the kernel spreads whatever context a sequence has over the splits).
+"""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+import torch
+
+from engine.attention import AttentionMetadata, forward_context
+from engine.step_inputs import StepInputs
+
+log = structlog.get_logger(__name__)
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then multiples of 16 up to ``max_num_seqs`` (always included)."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
+    sizes += list(range(16, max_num_seqs, 16))
+    return sizes + [max_num_seqs]
+
+
+class DecodeGraphs:
+    """Captured decode graphs of one model and KV pool; ``run`` replays the one that fits a step."""
+
+    def __init__(self, model: torch.nn.Module, max_num_seqs: int, max_blocks_per_seq: int, max_seq_len: int,
+                 device: torch.device) -> None:
+        self.model = model
+        self.batch_sizes = graph_batch_sizes(max_num_seqs)
+        self.max_seq_len = max_seq_len
+        self.device = device
+        b = self.batch_sizes[-1]
+        # ids, positions, slots, seq_lens as one [4, b] buffer: a step fills it with one copy
+        self._inputs = torch.zeros(4, b, dtype=torch.int32, device=device)
+        self._query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=device)
+        self._block_tables = torch.zeros(b, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[int, torch.Tensor] = {}
+
+    def bucket(self, num_seqs: int) -> int | None:
+        """The graph size a decode step of ``num_seqs`` sequences runs at, or None if none is that large."""
+        for b in self.batch_sizes:
+            if b >= num_seqs:
+                return b
+        return None
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        start, free_before = time.perf_counter(), torch.cuda.mem_get_info(self.device)[0]
+        self._inputs[2].fill_(-1)  # dummy steps write no KV
+        self._inputs[3].fill_(1)
+        pool = None
+        for b in reversed(self.batch_sizes):
+            self._forward(b)  # warm-up: Triton compiles and cuBLAS picks its kernels outside the capture
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._logits[b] = self._forward(b)
+            self._graphs[b] = graph
+            pool = graph.pool()
+        torch.cuda.synchronize(self.device)
+        log.info("cuda_graphs_captured", batch_sizes=self.batch_sizes, seconds=round(time.perf_counter() - start, 2),
+                 gib=round((free_before - torch.cuda.mem_get_info(self.device)[0]) / 2**30, 3))
+
+    def _forward(self, b: int) -> torch.Tensor:
+        metadata = AttentionMetadata(
+            slot_mapping=self._inputs[2, :b],
+            query_start_loc=self._query_start_loc[:b + 1],
+            seq_lens=self._inputs[3, :b],
+            block_tables=self._block_tables[:b],
+            max_query_len=1,
+            max_seq_len=self.max_seq_len,
+        )
+        with forward_context(metadata):
+            hidden = self.model(self._inputs[0, :b], self._inputs[1, :b])
+        return self.model.compute_logits(hidden)
+
+    def run(self, inputs: StepInputs) -> torch.Tensor:
+        """Logits [num_seqs, vocab] of a decode step whose inputs were built padded to a graph size.
+
+        Without a captured graph (CPU tests of this path) the same buffers run through the model eagerly.
+        """
+        assert inputs.graph_inputs is not None, "decode graph inputs must be built with pad_to"
+        b = inputs.graph_inputs.shape[1]
+        n, width = inputs.metadata.block_tables.shape
+        self._inputs[:, :b].copy_(inputs.graph_inputs)
+        self._block_tables[:n, :width].copy_(inputs.metadata.block_tables)
+        graph = self._graphs.get(b)
+        if graph is None:
+            return self._forward(b)[:n]
+        graph.replay()
+        return self._logits[b][:n]

@@ -1,0 +1,119 @@
+"""The step-input builder against a direct computation from the scheduled requests."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine.request import Request, SamplingParams
+from engine.scheduler import ScheduledRequest
+from engine.step_inputs import InputBuilder
+
+BS = 4
+
+
+def _request(rid: str, prompt_len: int, outputs: int, rng: random.Random) -> Request:
+    r = Request(rid, [rng.randrange(1000) for _ in range(prompt_len)], SamplingParams(max_new_tokens=64))
+    r.output_token_ids = [rng.randrange(1000) for _ in range(outputs)]
+    return r
+
+
+def _expected(scheduled: list[ScheduledRequest]) -> dict[str, list]:
+    ids, pos, slots, qsl, lens, sample_rows = [], [], [], [0], [], []
+    for s in scheduled:
+        for p in range(s.start, s.end):
+            ids.append(s.request.token_ids[p])
+            pos.append(p)
+            slots.append(s.request.block_ids[p // BS] * BS + p % BS)
+        qsl.append(qsl[-1] + s.num_new_tokens)
+        lens.append(s.end)
+        if s.samples:
+            sample_rows.append(qsl[-1] - 1)
+    return dict(ids=ids, pos=pos, slots=slots, qsl=qsl, lens=lens, rows=sample_rows)
+
+
+def _check(builder: InputBuilder, scheduled: list[ScheduledRequest]) -> None:
+    got = builder.build(tuple(scheduled))
+    want = _expected(scheduled)
+    md = got.metadata
+    assert got.input_ids.tolist() == want["ids"]
+    assert got.positions.tolist() == want["pos"]
+    assert md.slot_mapping.tolist() == want["slots"]
+    assert md.query_start_loc.tolist() == want["qsl"]
+    assert md.seq_lens.tolist() == want["lens"]
+    assert got.logits_indices.tolist() == want["rows"]
+    assert md.max_query_len == max(s.num_new_tokens for s in scheduled)
+    assert md.max_seq_len == max(want["lens"])
+    for row, s in zip(md.block_tables.tolist(), scheduled, strict=True):
+        own = len(s.request.block_ids)
+        assert row[:own] == s.request.block_ids
+        assert all(b == 0 for b in row[own:])  # padding past a request's blocks is zero, never a stale id
+
+
+def test_mixed_steps_with_churn_match_direct_computation() -> None:
+    """Requests come, grow, leave, come back with new blocks (preemption) and reuse ids; rows stay right."""
+    rng = random.Random(0)
+    builder = InputBuilder(max_num_seqs=6, max_num_tokens=64, max_blocks_per_seq=32, block_size=BS,
+                           device=torch.device("cpu"))
+    free = list(range(200))
+    rng.shuffle(free)
+    live: list[Request] = []
+    for step in range(60):
+        if len(live) < 6 and rng.random() < 0.5:
+            live.append(_request(f"r{step % 7}", rng.randrange(1, 40), 0, rng))  # ids repeat across requests
+        if live and rng.random() < 0.15:  # preempted or finished: blocks go back, the request may return later
+            gone = live.pop(rng.randrange(len(live)))
+            free.extend(gone.block_ids)
+            gone.block_ids = []
+            gone.num_computed_tokens = 0
+            if rng.random() < 0.5:
+                live.append(gone)
+        if not live:
+            continue
+        scheduled = []
+        for r in rng.sample(live, rng.randrange(1, len(live) + 1)):
+            left = r.num_tokens - r.num_computed_tokens
+            n = left if left <= 1 else rng.randrange(1, min(left, 12) + 1)
+            while len(r.block_ids) * BS < r.num_computed_tokens + n:
+                r.block_ids.append(free.pop())
+            scheduled.append(ScheduledRequest(r, n, r.num_computed_tokens, r.num_computed_tokens + n == r.num_tokens))
+        _check(builder, scheduled)
+        for s in scheduled:  # the step ran: tokens computed, samplers append a token
+            s.request.num_computed_tokens = s.end
+            if s.samples:
+                s.request.output_token_ids.append(rng.randrange(1000))
+
+
+def test_decode_step_padded_to_a_graph_size() -> None:
+    rng = random.Random(1)
+    builder = InputBuilder(max_num_seqs=8, max_num_tokens=32, max_blocks_per_seq=16, block_size=BS,
+                           device=torch.device("cpu"))
+    requests = [_request(f"d{i}", 5 + 3 * i, 2, rng) for i in range(3)]
+    for i, r in enumerate(requests):
+        r.num_computed_tokens = r.num_tokens - 1
+        r.block_ids = list(range(10 * i, 10 * i + -(-r.num_tokens // BS)))
+    scheduled = [ScheduledRequest(r, 1, r.num_computed_tokens, True) for r in requests]
+    got = builder.build(tuple(scheduled), pad_to=8)
+    want = _expected(scheduled)
+    md = got.metadata
+    assert got.input_ids.tolist() == want["ids"] + [0] * 5
+    assert got.positions.tolist() == want["pos"] + [0] * 5
+    assert md.slot_mapping.tolist() == want["slots"] + [-1] * 5  # padding writes no KV
+    assert md.seq_lens.tolist() == want["lens"] + [1] * 5
+    assert md.query_start_loc.tolist() == list(range(9))
+    assert got.num_seqs == 3 and md.block_tables.shape[0] == 3
+    assert got.graph_inputs is not None
+    assert got.graph_inputs.tolist() == [got.input_ids.tolist(), got.positions.tolist(),
+                                         md.slot_mapping.tolist(), md.seq_lens.tolist()]
+
+
+def test_padding_refuses_prompt_chunks() -> None:
+    rng = random.Random(2)
+    builder = InputBuilder(max_num_seqs=4, max_num_tokens=32, max_blocks_per_seq=8, block_size=BS,
+                           device=torch.device("cpu"))
+    r = _request("p", 6, 0, rng)
+    r.block_ids = [0, 1]
+    with pytest.raises(ValueError, match="decode-only"):
+        builder.build((ScheduledRequest(r, 6, 0, True),), pad_to=4)
