@@ -155,6 +155,9 @@ class EngineConfig(_Frozen):
         default=None, validation_alias="kernel_inject"
     )
     enable_cuda_graph: bool = False
+    # queue the next decode step before reading this one's tokens (the CPU's step work hides behind the
+    # GPU's); None: on where the engine runs on CUDA
+    async_scheduling: bool | None = None
     quant: QuantConfig = Field(default_factory=QuantConfig)
     max_out_tokens: int | None = Field(default=None, ge=1, validation_alias="max_tokens")
     block_size: Annotated[int, _power_of_two(1, 256)] = 16

@@ -14,7 +14,7 @@ import structlog
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, PendingStep
 from engine.models.loader import load_hf_config
 from engine.models.registry import max_model_len, model_class
 from engine.request import Request, RequestStatus, SamplingParams
@@ -61,6 +61,7 @@ class StepTiming:
     cuda_graph: bool
     wall_s: float
     device_wait_s: float
+    ahead: bool = False  # queued while the step before ran (async scheduling)
 
     @property
     def decode_only(self) -> bool:
@@ -101,6 +102,9 @@ class Engine:
         self._kept: dict[str, Request] = {}  # keep_kv requests, until release_kv
         self._ids = itertools.count()
         self.step_timings: deque[StepTiming] = deque(maxlen=4096)  # the latest steps, for benchmarks and metrics
+        self.async_scheduling = config.async_scheduling if config.async_scheduling is not None \
+            else self.runner.device.type == "cuda"
+        self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None  # queued, tokens not read yet
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(
@@ -202,19 +206,33 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, and return the requests that produced a token."""
         start = time.perf_counter()
-        scheduled = self.scheduler.schedule()
-        if scheduled.is_empty:
-            return []
-        result = self.runner.execute(scheduled)
+        if self._in_flight is None:
+            scheduled = self.scheduler.schedule()
+            if scheduled.is_empty:
+                return []
+            self._in_flight = (scheduled, self.runner.launch(scheduled))
+        scheduled, pending = self._in_flight
+        self._in_flight = None
+        if self.async_scheduling:  # queue the next decode step now, so the device never waits for this CPU
+            ahead = self.scheduler.schedule_ahead(scheduled)
+            if ahead is not None:
+                self._in_flight = (ahead, self.runner.launch(ahead, after=pending))
+        result = pending.wait()
+        # a step run ahead may hold requests that ended (stop, abort) after it was queued: no output for those
+        ended = [item.request.status.is_finished for item in scheduled.scheduled] if scheduled.ahead else None
         self.scheduler.update_from_output(scheduled, result.sampled_token_ids)
-        outputs = self._outputs(scheduled, result.sampled_token_ids)
+        outputs = self._outputs(scheduled, result.sampled_token_ids, ended)
         self.step_timings.append(StepTiming(
             len(scheduled.scheduled), scheduled.num_batched_tokens, result.cuda_graph,
-            time.perf_counter() - start, self.runner.last_device_wait_s,
+            time.perf_counter() - start, self.runner.last_device_wait_s, scheduled.ahead,
         ))
         return outputs
 
-    def _outputs(self, scheduled: SchedulerOutput, sampled: list[int | None]) -> list[RequestOutput]:
+    def _outputs(self, scheduled: SchedulerOutput, sampled: list[int | None], ended: list[bool] | None
+                 ) -> list[RequestOutput]:
+        if ended is not None:
+            return [self._output(item.request, token)
+                    for item, token, gone in zip(scheduled.scheduled, sampled, ended, strict=True) if not gone]
         return [
             self._output(item.request, token)
             for item, token in zip(scheduled.scheduled, sampled, strict=True)

@@ -152,31 +152,57 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput, use_graphs: bool = True) -> ModelOutput:
+        """Run one step and wait for its tokens."""
+        return self.launch(output, use_graphs=use_graphs).wait()
+
+    @torch.inference_mode()
+    def launch(self, output: SchedulerOutput, after: PendingStep | None = None, use_graphs: bool = True
+               ) -> PendingStep:
+        """Queue one step on the device without waiting for it. ``after``: the step before, still running,
+        whose sampled tokens are this step's input tokens (``output.ahead``: same requests, same order)."""
         sched = output.scheduled
         bucket = None
         if use_graphs and self.graphs is not None and output.num_batched_tokens == len(sched) \
                 and all(s.samples for s in sched):
             bucket = self.graphs.bucket(len(sched))
         inputs = self.builder.build(sched, pad_to=bucket)
+        if after is not None:
+            inputs.input_ids[: len(sched)].copy_(after.sampled)  # views the graph inputs too: copied before replay
         if bucket is not None:
             logits = self.graphs.run(inputs)  # type: ignore[union-attr]
+            logits = logits.float() if logits.dtype != torch.float32 else logits.clone()  # the graph reuses it
         else:
             with forward_context(inputs.metadata):
                 hidden = self.model(inputs.input_ids, inputs.positions)
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        logits = logits.float()
+            logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()
         rows = [s for s in sched if s.samples]
+        # a token's output index (its seed's noise) is its position past the prompt: right ahead of time too
         batch = make_sampling_batch(
-            [s.request.sampling for s in rows], [s.request.num_output_tokens for s in rows], self.device
+            [s.request.sampling for s in rows], [s.start + s.num_new_tokens - s.request.num_prompt_tokens
+                                                 for s in rows], self.device
         )
-        sampled = self.sampler(logits, batch)
+        return PendingStep(self, sched, len(rows), self.sampler(logits, batch), logits, bucket is not None)
+
+
+@dataclass
+class PendingStep:
+    """A step queued on the device; ``wait()`` reads its tokens (the step's one host sync)."""
+
+    runner: ModelRunner
+    scheduled: tuple[ScheduledRequest, ...]
+    num_sampled: int
+    sampled: torch.Tensor  # [num_sampled] int64, on the device
+    logits: torch.Tensor
+    cuda_graph: bool
+
+    def wait(self) -> ModelOutput:
         start = time.perf_counter()
-        tokens = sampled.tolist()  # the step's one host sync
-        self.last_device_wait_s = time.perf_counter() - start
-        if len(rows) == len(sched):
-            return ModelOutput(tokens, logits, bucket is not None)
+        tokens = self.sampled.tolist()
+        self.runner.last_device_wait_s = time.perf_counter() - start
+        if self.num_sampled == len(self.scheduled):
+            return ModelOutput(tokens, self.logits, self.cuda_graph)
         it = iter(tokens)
-        return ModelOutput([next(it) if s.samples else None for s in sched], logits, bucket is not None)
+        return ModelOutput([next(it) if s.samples else None for s in self.scheduled], self.logits, self.cuda_graph)
 
 
 def _dtype_name(dtype: Any) -> str | None:

@@ -40,6 +40,7 @@ class SchedulerOutput:
     scheduled: tuple[ScheduledRequest, ...]
     preempted: tuple[Request, ...]
     num_batched_tokens: int
+    ahead: bool = False  # scheduled by schedule_ahead(), before the previous step's tokens were known
 
     @property
     def is_empty(self) -> bool:
@@ -214,6 +215,33 @@ class Scheduler:
         if not step.preempted:
             self._schedule_waiting(step)
         return step.output(self.max_num_batched_tokens)
+
+    def schedule_ahead(self, previous: SchedulerOutput) -> SchedulerOutput | None:
+        """The next step while ``previous`` (a decode step) still runs on the device: the same requests,
+        one token further, their input tokens being ``previous``'s samples, which the runner takes from the
+        device. None when the next step could be anything else: something waits, a request is mid-prompt,
+        a request may end by length with ``previous``'s token, or blocks are short.
+
+        A request that ends with ``previous``'s token by a stop token or string is still computed once more;
+        ``update_from_output`` skips it (it is finished by then) and its blocks, freed at once, are only
+        reused by steps queued after this one on the device.
+        """
+        if self._waiting or previous.preempted or len(previous.scheduled) != len(self._running):
+            return None
+        running = RequestStatus.RUNNING
+        for item in previous.scheduled:
+            request = item.request
+            if item.num_new_tokens != 1 or not item.samples or request.status is not running or request.keep_kv:
+                return None
+            num_output = len(request.output_token_ids) + 1  # with previous's token
+            if num_output >= request.sampling.max_new_tokens or \
+                    len(request.prompt_token_ids) + num_output >= self.max_model_len:
+                return None
+        for item in previous.scheduled:  # blocks up to this step's token; what one allocates is needed anyway
+            if not self.block_manager.allocate_slots(item.request, 2):
+                return None
+        scheduled = tuple(ScheduledRequest(item.request, 1, item.start + 1, True) for item in previous.scheduled)
+        return SchedulerOutput(scheduled, (), len(scheduled), ahead=True)
 
     def _schedule_decodes(self, step: _Step) -> list[Request]:
         """Running requests with one token left (decodes), oldest first; returns the ones with more left

@@ -157,9 +157,13 @@ class InputBuilder:
             lens.append(num_new)
             starts.append(start)
             prompt = request.prompt_token_ids
-            if num_new == 1:  # a decode: its last token, usually an output
+            if num_new == 1:  # a decode: its last token, usually an output; not known yet in a step run ahead
                 n_prompt = len(prompt)
-                token_ids.append(prompt[start] if start < n_prompt else request.output_token_ids[start - n_prompt])
+                if start < n_prompt:
+                    token_ids.append(prompt[start])
+                else:
+                    outputs = request.output_token_ids
+                    token_ids.append(outputs[start - n_prompt] if start - n_prompt < len(outputs) else 0)
             else:
                 token_ids.extend(request.token_slice(start, start + num_new))
         self._free_rows.extend(row.index for row in previous.values())
