@@ -1,6 +1,9 @@
 """Where a decode step's GPU time goes: torch.profiler over eager decode steps of a real-shaped model.
 
-    python bench/decode_profile.py --shape llama-3.1-8b [--batch 1] [--context 576]
+    python bench/decode_profile.py --shape llama-3.1-8b [--batch 1] [--context 576] [--prefill]
+
+--prefill profiles the prompt's step instead (the TTFT step: --batch prompts of --context tokens) and
+prints its wall time next to its kernel time: a wall time well above it means the CPU launches too slowly.
 
 Prints the kernels by total CUDA time per step, and the step's sum against the bandwidth floor (the
 bytes the step must read over the copy bandwidth measured in the same run). Eager steps run the same
@@ -28,6 +31,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=576)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--prefill", action="store_true")
+    ap.add_argument("--graphs", action="store_true", help="decode through CUDA graphs")
     args = ap.parse_args()
     from engine.engine import init_inference
     from engine.request import SamplingParams
@@ -35,8 +40,11 @@ def main() -> None:
     bw = copy_bandwidth()
     hf = build_hf(args.shape)
     engine = init_inference(hf, {"dtype": str(SHAPES[args.shape]["dtype"]).removeprefix("torch."),
-                                 "kv_cache_memory_fraction": 0.3, "max_num_seqs": max(args.batch, 8)})
+                                 "kv_cache_memory_fraction": 0.3, "max_num_seqs": max(args.batch, 8),
+                                 "enable_cuda_graph": args.graphs})
     g = torch.Generator().manual_seed(0)
+    if args.prefill:
+        return profile_prefill(engine, hf, args, bw)
     for _ in range(args.batch):
         prompt = torch.randint(100, 30000, (args.context,), generator=g).tolist()
         engine.add_request(prompt, SamplingParams(max_new_tokens=4 * args.steps, ignore_eos=True))
@@ -49,19 +57,47 @@ def main() -> None:
         for _ in range(args.steps):
             engine.step()
         torch.cuda.synchronize()
+    floor_us = floor_bytes_per_step(hf, args.batch, args.context) / bw * 1e6
+    print(f"{torch.cuda.get_device_name()}  {args.shape}  batch {args.batch}  context {args.context}  "
+          f"copy {bw / 1e9:.0f} GB/s")
+    total = print_kernels(prof, args.steps)
+    print(f"kernel time per step {total:.0f} us, floor {floor_us:.0f} us ({total / floor_us:.2f}x)")
+
+
+def profile_prefill(engine: object, hf: object, args: argparse.Namespace, bw: float) -> None:
+    import time
+
+    from engine.request import SamplingParams
+
+    g = torch.Generator().manual_seed(1)
+    batch = [torch.randint(100, 30000, (args.context,), generator=g).tolist() for _ in range(args.batch)]
+    sp = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    for _ in range(2):
+        engine.generate(batch, sp)  # type: ignore[attr-defined]
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    engine.generate(batch, sp)  # type: ignore[attr-defined]
+    torch.cuda.synchronize()
+    wall_us = (time.perf_counter() - start) * 1e6
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.generate(batch, sp)  # type: ignore[attr-defined]
+        torch.cuda.synchronize()
+    print(f"{torch.cuda.get_device_name()}  {args.shape}  prefill of {args.batch} x {args.context} tokens")
+    total = print_kernels(prof, 1)
+    print(f"kernel time {total:.0f} us, wall time {wall_us:.0f} us")
+
+
+def print_kernels(prof: profile, steps: int) -> float:
     per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             k = per_kernel[e.name[:90]]
-            k[0] += e.device_time_total / args.steps
-            k[1] += 1 / args.steps
+            k[0] += e.device_time_total / steps
+            k[1] += 1 / steps
     total = sum(v[0] for v in per_kernel.values())
-    floor_us = floor_bytes_per_step(hf, args.batch, args.context) / bw * 1e6
-    print(f"{torch.cuda.get_device_name()}  {args.shape}  batch {args.batch}  context {args.context}  "
-          f"copy {bw / 1e9:.0f} GB/s")
-    print(f"kernel time per step {total:.0f} us, floor {floor_us:.0f} us ({total / floor_us:.2f}x)")
     for name, (us, calls) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:14]:
         print(f"{us:9.1f} us {us / total:6.1%} {calls:5.0f} calls  {name}")
+    return total
 
 
 if __name__ == "__main__":
