@@ -188,9 +188,10 @@ class Engine:
             token_ids = [int(t) for t in prompt]
         if not token_ids:
             raise ValueError("prompt is empty: it must contain at least one token")
-        bad = [t for t in token_ids if not 0 <= t < self.hf_config.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.hf_config.vocab_size})")
+        vocab = self.runner.vocab_size  # not hf_config's: a transformers config attribute costs microseconds
+        if not (0 <= min(token_ids) and max(token_ids) < vocab):
+            bad = next(t for t in token_ids if not 0 <= t < vocab)
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
         return token_ids
 
     def abort_request(self, request_id: str) -> bool:
