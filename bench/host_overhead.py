@@ -39,7 +39,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp())
     write_demo_model(folder)
     engine = Engine(EngineConfig(model=str(folder), dtype="float32", num_kv_blocks=b * 64, max_num_seqs=b,
-                                 max_num_batched_tokens=max(2048, b), async_scheduling=False), tokenizer=None)
+                                 max_num_batched_tokens=max(2048, b), async_scheduling=True), tokenizer=None)
     engine.tokenizer = None  # no text: as in bench/engine.py and the workers
     runner = engine.runner
 

@@ -104,7 +104,8 @@ class Engine:
         self.step_timings: deque[StepTiming] = deque(maxlen=4096)  # the latest steps, for benchmarks and metrics
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None \
             else self.runner.device.type == "cuda"
-        self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None  # queued, tokens not read yet
+        # queued, tokens not read yet; with the scheduler's num_finished when it was queued
+        self._in_flight: tuple[SchedulerOutput, PendingStep, int] | None = None
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(
@@ -211,16 +212,18 @@ class Engine:
             scheduled = self.scheduler.schedule()
             if scheduled.is_empty:
                 return []
-            self._in_flight = (scheduled, self.runner.launch(scheduled))
-        scheduled, pending = self._in_flight
+            self._in_flight = (scheduled, self.runner.launch(scheduled), self.scheduler.num_finished)
+        scheduled, pending, finished_at_launch = self._in_flight
         self._in_flight = None
         if self.async_scheduling:  # queue the next decode step now, so the device never waits for this CPU
             ahead = self.scheduler.schedule_ahead(scheduled)
             if ahead is not None:
-                self._in_flight = (ahead, self.runner.launch(ahead, after=pending))
+                self._in_flight = (ahead, self.runner.launch(ahead, after=pending), self.scheduler.num_finished)
         result = pending.wait()
         # a step run ahead may hold requests that ended (stop, abort) after it was queued: no output for those
-        ended = [item.request.status.is_finished for item in scheduled.scheduled] if scheduled.ahead else None
+        ended = None
+        if scheduled.ahead and self.scheduler.num_finished != finished_at_launch:
+            ended = [item.request.status.is_finished for item in scheduled.scheduled]
         self.scheduler.update_from_output(scheduled, result.sampled_token_ids)
         outputs = self._outputs(scheduled, result.sampled_token_ids, ended)
         self.step_timings.append(StepTiming(

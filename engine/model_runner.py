@@ -21,7 +21,7 @@ from engine.kv_cache import KVCache, KVLayout, attention_layers
 from engine.models.loader import iter_weights
 from engine.models.registry import build_model
 from engine.request import Request, SamplingParams
-from engine.sampler import Sampler, make_sampling_batch
+from engine.sampler import ALL_GREEDY, Sampler, make_sampling_batch
 from engine.scheduler import ScheduledRequest, SchedulerOutput
 from engine.step_inputs import InputBuilder
 from kernels import get_ops
@@ -175,12 +175,13 @@ class ModelRunner:
             with forward_context(inputs.metadata):
                 hidden = self.model(inputs.input_ids, inputs.positions)
             logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()
-        rows = [s for s in sched if s.samples]
-        # a token's output index (its seed's noise) is its position past the prompt: right ahead of time too
-        batch = make_sampling_batch(
-            [s.request.sampling for s in rows], [s.start + s.num_new_tokens - s.request.num_prompt_tokens
-                                                 for s in rows], self.device
-        )
+        rows = sched if bucket is not None else [s for s in sched if s.samples]  # a graph step samples all
+        params = [s.request.sampling for s in rows]
+        if all(p.temperature == 0 for p in params):
+            batch = ALL_GREEDY
+        else:  # a token's output index (its seed's noise) is its position past the prompt, known ahead of time
+            batch = make_sampling_batch(params, [s.start + s.num_new_tokens - len(s.request.prompt_token_ids)
+                                                 for s in rows], self.device)
         return PendingStep(self, sched, len(rows), self.sampler(logits, batch), logits, bucket is not None)
 
 

@@ -45,7 +45,7 @@ def make_sampling_batch(
         raise ValueError(f"{len(params)} params but {len(output_index)} output indices")
     sampled = [p for p in params if not p.greedy]
     if not sampled:  # greedy needs no per-row settings: no tensors, no copies
-        return _ALL_GREEDY
+        return ALL_GREEDY
     device = torch.device(device)
     return SamplingBatch(
         temperature=_to_device([p.temperature for p in params], torch.float32, device),
@@ -60,7 +60,7 @@ def make_sampling_batch(
 
 
 _NONE = torch.empty(0)
-_ALL_GREEDY = SamplingBatch(_NONE, _NONE, _NONE, True, False, False, (), ())
+ALL_GREEDY = SamplingBatch(_NONE, _NONE, _NONE, True, False, False, (), ())
 
 
 def _to_device(values: list[float] | list[int], dtype: torch.dtype, device: torch.device) -> Tensor:

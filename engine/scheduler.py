@@ -108,6 +108,7 @@ class Scheduler:
         self._running: dict[str, Request] = {}
         self._waiting_for_kv: dict[str, Request] = {}
         self._held: dict[str, Request] = {}  # finished keep_kv requests whose blocks are still in use
+        self.num_finished = 0  # requests ended so far (any reason): a cheap "did anything end since" check
 
     @property
     def num_waiting(self) -> int:
@@ -228,8 +229,10 @@ class Scheduler:
         """
         if self._waiting or previous.preempted or len(previous.scheduled) != len(self._running):
             return None
-        running = RequestStatus.RUNNING
-        for item in previous.scheduled:
+        running, block_size = RequestStatus.RUNNING, self.block_manager.block_size
+        allocate = self.block_manager.allocate_slots
+        scheduled = []
+        for item in previous.scheduled:  # runs per request per step: keep it lean
             request = item.request
             if item.num_new_tokens != 1 or not item.samples or request.status is not running or request.keep_kv:
                 return None
@@ -237,11 +240,11 @@ class Scheduler:
             if num_output >= request.sampling.max_new_tokens or \
                     len(request.prompt_token_ids) + num_output >= self.max_model_len:
                 return None
-        for item in previous.scheduled:  # blocks up to this step's token; what one allocates is needed anyway
-            if not self.block_manager.allocate_slots(item.request, 2):
+            # blocks up to this step's token (a block allocated for nothing is freed with its request)
+            if item.start + 2 > len(request.block_ids) * block_size and not allocate(request, 2):
                 return None
-        scheduled = tuple(ScheduledRequest(item.request, 1, item.start + 1, True) for item in previous.scheduled)
-        return SchedulerOutput(scheduled, (), len(scheduled), ahead=True)
+            scheduled.append(ScheduledRequest(request, 1, item.start + 1, True))
+        return SchedulerOutput(tuple(scheduled), (), len(scheduled), ahead=True)
 
     def _schedule_decodes(self, step: _Step) -> list[Request]:
         """Running requests with one token left (decodes), oldest first; returns the ones with more left
@@ -367,6 +370,7 @@ class Scheduler:
         return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
+        self.num_finished += 1
         self._running.pop(request.request_id, None)
         del self._requests[request.request_id]
         request.status = status
