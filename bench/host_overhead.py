@@ -46,7 +46,7 @@ def main() -> None:
     def stub(output: object, use_graphs: bool = True) -> ModelOutput:
         sched = output.scheduled  # type: ignore[attr-defined]
         decode = output.num_batched_tokens == len(sched)  # type: ignore[attr-defined]
-        runner.builder.build(sched, pad_to=b if decode else None)
+        runner.builder.build(sched, pad_to=b if decode else None, ahead=output.ahead)  # type: ignore[attr-defined]
         return ModelOutput([7 if s.samples else None for s in sched], torch.empty(0), decode)
 
     runner.execute = stub  # type: ignore[method-assign]

@@ -165,7 +165,7 @@ class ModelRunner:
         if use_graphs and self.graphs is not None and output.num_batched_tokens == len(sched) \
                 and all(s.samples for s in sched):
             bucket = self.graphs.bucket(len(sched))
-        inputs = self.builder.build(sched, pad_to=bucket)
+        inputs = self.builder.build(sched, pad_to=bucket, ahead=output.ahead and after is not None)
         if after is not None:
             inputs.input_ids[: len(sched)].copy_(after.sampled)  # views the graph inputs too: copied before replay
         if bucket is not None:

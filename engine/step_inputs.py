@@ -62,12 +62,25 @@ class InputBuilder:
         self._staging = [torch.zeros(size, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         self._turn = 0
         self._arange = np.arange(max(max_num_tokens, max_num_seqs) + 1, dtype=np.int32)
+        self._zeros = np.zeros(max_num_seqs, dtype=np.int32)
+        self._order: list[_Row] = []  # the last build's rows, in its order
+        self._row_indices = np.zeros(0, dtype=np.intp)
+        self._starts = np.zeros(0, dtype=np.int32)
 
-    def build(self, scheduled: tuple[ScheduledRequest, ...], pad_to: int | None = None) -> StepInputs:
-        """Inputs for ``scheduled``; ``pad_to`` (decode steps only) pads to that many one-token sequences."""
+    def build(self, scheduled: tuple[ScheduledRequest, ...], pad_to: int | None = None, ahead: bool = False
+              ) -> StepInputs:
+        """Inputs for ``scheduled``; ``pad_to`` (decode steps only) pads to that many one-token sequences.
+        ``ahead``: the previous build's requests, one token further, whose tokens the caller writes on the
+        device (``SchedulerOutput.ahead``); their rows, positions and widths are updated, not rebuilt."""
         n = len(scheduled)
-        rows, lens_list, starts_list, token_ids, width = self._collect(scheduled)
-        lens, starts = np.array(lens_list, dtype=np.int32), np.array(starts_list, dtype=np.int32)
+        if ahead and self._same_requests(scheduled):
+            rows, width = self._advance()
+            lens, starts = self._arange[1:2].repeat(n), self._starts + 1
+            token_ids: list[int] | np.ndarray = self._zeros[:n]  # placeholders: the device fills them in
+        else:
+            rows, lens_list, starts_list, token_ids, width = self._collect(scheduled)
+            lens, starts = np.array(lens_list, dtype=np.int32), np.array(starts_list, dtype=np.int32)
+        self._starts = starts
         num_tokens = len(token_ids)
         b = n if pad_to is None else pad_to  # sequences, padding included
         t = num_tokens if pad_to is None else pad_to  # tokens, padding included
@@ -168,4 +181,24 @@ class InputBuilder:
                 token_ids.extend(request.token_slice(start, start + num_new))
         self._free_rows.extend(row.index for row in previous.values())
         self._rows = current
-        return np.array(rows, dtype=np.intp), lens, starts, token_ids, width
+        self._order = list(current.values())
+        self._row_indices = np.array(rows, dtype=np.intp)
+        return self._row_indices, lens, starts, token_ids, width
+
+    def _same_requests(self, scheduled: tuple[ScheduledRequest, ...]) -> bool:
+        order = self._order
+        return len(order) == len(scheduled) and all(
+            row.blocks is s.request.block_ids for row, s in zip(order, scheduled, strict=True))
+
+    def _advance(self) -> tuple[np.ndarray, int]:
+        """The last build's rows with the blocks appended since copied in, and the new widest table."""
+        table, width = self._table, 1
+        for row in self._order:
+            blocks = row.blocks
+            num_blocks = len(blocks)
+            if num_blocks > row.synced:
+                table[row.index, row.synced:num_blocks] = blocks[row.synced:]
+                row.synced = num_blocks
+            if num_blocks > width:
+                width = num_blocks
+        return self._row_indices, width

@@ -117,3 +117,30 @@ def test_padding_refuses_prompt_chunks() -> None:
     r.block_ids = [0, 1]
     with pytest.raises(ValueError, match="decode-only"):
         builder.build((ScheduledRequest(r, 6, 0, True),), pad_to=4)
+
+
+def test_ahead_build_equals_a_full_build_but_for_the_token_ids() -> None:
+    """A step run ahead updates the previous build's rows (new blocks, positions + 1); tokens come later."""
+    rng = random.Random(3)
+    fast = InputBuilder(max_num_seqs=8, max_num_tokens=32, max_blocks_per_seq=16, block_size=BS,
+                        device=torch.device("cpu"))
+    requests = [_request(f"a{i}", 3 + 2 * i, 1, rng) for i in range(5)]
+    for i, r in enumerate(requests):
+        r.num_computed_tokens = r.num_tokens - 1
+        r.block_ids = list(range(12 * i, 12 * i + -(-r.num_tokens // BS)))
+    step = tuple(ScheduledRequest(r, 1, r.num_computed_tokens, True) for r in requests)
+    fast.build(step, pad_to=8)
+    for r in requests:  # what schedule_ahead does: blocks for one more token; the token itself is unknown
+        while len(r.block_ids) * BS < r.num_computed_tokens + 2:
+            r.block_ids.append(max(r.block_ids) + 1)
+    ahead = tuple(ScheduledRequest(s.request, 1, s.start + 1, True) for s in step)
+    got = fast.build(ahead, pad_to=8, ahead=True)
+    for r in requests:
+        r.output_token_ids.append(0)  # the placeholder the ahead build writes
+    full = InputBuilder(max_num_seqs=8, max_num_tokens=32, max_blocks_per_seq=16, block_size=BS,
+                        device=torch.device("cpu")).build(ahead, pad_to=8)
+    assert got.graph_inputs is not None and full.graph_inputs is not None
+    assert got.graph_inputs.tolist() == full.graph_inputs.tolist()
+    assert got.metadata.block_tables.tolist() == full.metadata.block_tables.tolist()
+    assert got.metadata.query_start_loc.tolist() == full.metadata.query_start_loc.tolist()
+    assert got.metadata.max_seq_len == full.metadata.max_seq_len
