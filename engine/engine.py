@@ -258,11 +258,12 @@ class Engine:
                     new_text += detok.flush()
                 del self._detokenizers[req.request_id]
         status = req.status
+        finished = status.is_finished
         outputs = req.output_token_ids
         return RequestOutput(
             req.request_id, req.prompt_token_ids, [] if token is None else [token], detok.text if detok else "",
-            new_text, status.is_finished, status.finish_reason, req.num_preemptions, req.num_computed_tokens,
-            len(outputs), outputs,
+            new_text, finished, status.finish_reason if finished else None, req.num_preemptions,
+            req.num_computed_tokens, len(outputs), outputs,
         )
 
     def generate(
