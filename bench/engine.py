@@ -175,14 +175,19 @@ def ours_run(engine: Any, batch: list[list[int]], calls: list[list[Any]]) -> Any
     return run
 
 
-def step_stats(calls: list[list[Any]]) -> dict[str, Any]:
+def step_stats(calls: list[list[Any]], batch: int) -> dict[str, Any]:
+    """Decode-only steps at the full batch. With async scheduling a step's wall time is the GPU's time per
+    step, so batch / its median is the steady decode rate (the figure excludes the staggered start and end
+    that chunked prefill gives a batch, which full-generate ms/tok includes)."""
     steps = [t for call in calls for t in call]
     if not steps:
         return {}
     host = sorted(t.host_s * 1000 for t in steps)
+    wall = statistics.median(t.wall_s * 1000 for t in steps)
     return dict(host_ms_p50=statistics.median(host), host_ms_p90=host[min(len(host) - 1, int(0.9 * len(host)))],
-                wall_ms_p50=statistics.median(t.wall_s * 1000 for t in steps), decode_steps=len(steps),
-                cuda_graph_fraction=sum(t.cuda_graph for t in steps) / len(steps))
+                wall_ms_p50=wall, steady_decode_tok_s=batch * 1000 / wall, decode_steps=len(steps),
+                cuda_graph_fraction=sum(t.cuda_graph for t in steps) / len(steps),
+                ahead_fraction=sum(t.ahead for t in steps) / len(steps))
 
 
 def hf_run(hf: Any, batch: list[list[int]], **extra: Any) -> Any:
@@ -210,8 +215,9 @@ def targets(rows: list[dict[str, Any]], shape: str) -> list[dict[str, Any]]:
             ">=", 3),
            ("batch-256 host ms/step (median)", get(256, "ours", "host_ms_p50"), "<", 1)]
     if big:
-        out.insert(3, ("batch-32 decode tok/s / floor", ratio(get(32, "ours", "decode_tok_s"),
-                                                               by_b.get(32, {}).get("floor_decode_tok_s")), ">=", 0.8))
+        out.insert(3, ("batch-32 steady decode tok/s / floor", ratio(get(32, "ours", "steady_decode_tok_s"),
+                                                                      by_b.get(32, {}).get("floor_decode_tok_s")),
+                       ">=", 0.8))
         out.append(("batch-1 TTFT MFU", get(1, "ours", "ttft_mfu"), ">=", 0.5))
     result = []
     compare = {"<=": lambda x, y: x <= y, "<": lambda x, y: x < y, ">=": lambda x, y: x >= y}
@@ -234,7 +240,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     cols = [("batch", None, "batch", "d"), ("TTFT ours", "ours", "ttft_ms", ".1f"), ("TTFT hf", "hf", "ttft_ms", ".1f"),
             ("ms/tok ours", "ours", "tpot_ms", ".2f"), ("hf", "hf", "tpot_ms", ".2f"),
             ("hf-comp", "hf_compile", "tpot_ms", ".2f"), ("floor", None, "floor_tpot_ms", ".2f"),
-            ("dec tok/s ours", "ours", "decode_tok_s", ".0f"), ("hf", "hf", "decode_tok_s", ".0f"),
+            ("dec tok/s ours", "ours", "decode_tok_s", ".0f"), ("steady", "ours", "steady_decode_tok_s", ".0f"),
+            ("hf", "hf", "decode_tok_s", ".0f"),
             ("floor", None, "floor_decode_tok_s", ".0f"), ("out tok/s ours", "ours", "out_tok_s", ".0f"),
             ("hf", "hf", "out_tok_s", ".0f"), ("MFU", "ours", "ttft_mfu", ".2f"),
             ("host p50", "ours", "host_ms_p50", ".3f"), ("p90", "ours", "host_ms_p90", ".3f")]
@@ -296,7 +303,7 @@ def main() -> None:
         calls: list[list[Any]] = []
         row["ours"] = measure(ours_run(engine, batch, calls), b, args.new_tokens, 3 if b == 1 else 2, 1)
         if "ttft_ms" in row["ours"]:
-            row["ours"].update(ttft_mfu=b * flops / (row["ours"]["ttft_ms"] * 1e-3) / rate, **step_stats(calls[1:]))
+            row["ours"].update(ttft_mfu=b * flops / (row["ours"]["ttft_ms"] * 1e-3) / rate, **step_stats(calls[1:], b))
         print(f"[batch {b}] ours: {brief(row['ours'])}", flush=True)
         row["hf"] = measure(hf_run(hf, batch), b, args.new_tokens, 2 if b == 1 else 1, 1 if i == 0 else 0)
         print(f"[batch {b}] hf eager: {brief(row['hf'])}", flush=True)

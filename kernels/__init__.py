@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from kernels import activation, kv_write, layer_norm, rms_norm, rotary
+from kernels import activation, gemv, kv_write, layer_norm, rms_norm, rotary
 from kernels.activation import gelu_ref, silu_and_mul_ref
 from kernels.kv_write import kv_write_ref
 from kernels.layer_norm import layer_norm_ref
@@ -77,6 +77,7 @@ if importlib.util.find_spec("triton") is not None:
         rotary_kv_write=rotary.rotary_kv_write,
         silu_and_mul=activation.silu_and_mul,
         gelu=activation.gelu,
+        linear=gemv.linear,  # one-row products by the GEMV kernel, the rest by cuBLAS
     )
 
 

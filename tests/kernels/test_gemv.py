@@ -23,6 +23,7 @@ def test_gemv_matches_linear(n_out: int, n_in: int, bias: bool) -> None:
     x, w = randn(1, n_in), randn(n_out, n_in)
     b = randn(n_out) if bias else None
     torch.testing.assert_close(gemv(x, w, b, block_n=8, block_k=64), linear_ref(x, w, b), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gemv(x, w, b), linear_ref(x, w, b), atol=1e-4, rtol=1e-4)  # the default tile
 
 
 def test_gemv_reads_strided_weights_and_rows() -> None:
@@ -43,3 +44,13 @@ def test_gemv_half_precision_on_gpu(dtype: torch.dtype) -> None:
     ref = linear_ref(x.float(), w.float(), b.float())
     err, ref_err = (gemv(x, w, b).float() - ref).abs().max(), (linear_ref(x, w, b).float() - ref).abs().max()
     assert err <= 1.5 * ref_err + 1e-3
+
+
+def test_injected_linear_routes_one_row_to_the_kernel() -> None:
+    from kernels import get_ops
+
+    linear = get_ops("triton").linear
+    w, b = randn(40, 72), randn(40)
+    for rows in (1, 3):
+        x = randn(rows, 72)
+        torch.testing.assert_close(linear(x, w, b), linear_ref(x, w, b), atol=1e-4, rtol=1e-4)

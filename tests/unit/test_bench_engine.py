@@ -93,18 +93,18 @@ def row(batch: int, floor_tpot: float = 1.0, **who: dict[str, float]) -> dict[st
 
 def test_targets_pass_fail_and_missing() -> None:
     rows = [row(1, 5.0, ours=dict(tpot_ms=5.5, ttft_mfu=0.6), hf=dict(tpot_ms=30.0), hf_compile=dict(tpot_ms=5.0)),
-            row(32, 8.0, ours=dict(decode_tok_s=3500.0)),
+            row(32, 8.0, ours=dict(steady_decode_tok_s=3500.0)),
             row(64, ours=dict(out_tok_s=9000.0), hf=dict(error="oom")),
             row(256, ours=dict(host_ms_p50=0.8))]
     got = {t["target"]: t["status"] for t in bench.targets(rows, "llama-3.1-8b")}
     assert got == {"batch-1 ms/tok / floor": "PASS",  # 1.1 <= 1.15
                    "batch-1 ms/tok speedup over hf eager": "PASS",  # 30 / 5.5 = 5.45
                    "batch-1 ms/tok speedup over hf compile": "FAIL",  # 5.0 / 5.5 < 1
-                   "batch-32 decode tok/s / floor": "PASS",  # 3500 / 4000 = 0.875
+                   "batch-32 steady decode tok/s / floor": "PASS",  # 3500 / 4000 = 0.875
                    "batch-64 out tok/s over hf eager": "n/a",  # transformers ran out of memory
                    "batch-256 host ms/step (median)": "PASS",
                    "batch-1 TTFT MFU": "PASS"}
     small = {t["target"]: t for t in bench.targets(rows[:1], "llama-3.2-1b")}
-    assert "batch-1 TTFT MFU" not in small and "batch-32 decode tok/s / floor" not in small
+    assert "batch-1 TTFT MFU" not in small and "batch-32 steady decode tok/s / floor" not in small
     assert small["batch-1 ms/tok / floor"]["threshold"] == 1.4
     assert small["batch-256 host ms/step (median)"]["status"] == "n/a"
