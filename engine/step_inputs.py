@@ -44,6 +44,14 @@ class _Row:
     blocks: list[int]  # the request's block_ids list this row mirrors (freeing blocks replaces the list)
     synced: int  # how many of its ids are already copied into the row
 
+    def sync(self, table: np.ndarray) -> int:
+        """Copy the block ids appended since the last sync into the table; returns the request's block count."""
+        num_blocks = len(self.blocks)
+        if num_blocks > self.synced:
+            table[self.index, self.synced:num_blocks] = self.blocks[self.synced:]
+            self.synced = num_blocks
+        return num_blocks
+
 
 class InputBuilder:
     """Owns the pinned staging buffers, the device copy and the persistent block-table rows of one runner."""
@@ -158,10 +166,7 @@ class InputBuilder:
                 index = self._free_rows.pop() if row is None else row.index
                 row = _Row(index, blocks, 0)
                 table[index] = 0  # a reused row's old ids must not show past the new request's blocks
-            num_blocks = len(blocks)
-            if num_blocks > row.synced:
-                table[row.index, row.synced:num_blocks] = blocks[row.synced:]
-                row.synced = num_blocks
+            num_blocks = row.sync(table)
             if num_blocks > width:
                 width = num_blocks
             current[request] = row
@@ -194,11 +199,7 @@ class InputBuilder:
         """The last build's rows with the blocks appended since copied in, and the new widest table."""
         table, width = self._table, 1
         for row in self._order:
-            blocks = row.blocks
-            num_blocks = len(blocks)
-            if num_blocks > row.synced:
-                table[row.index, row.synced:num_blocks] = blocks[row.synced:]
-                row.synced = num_blocks
+            num_blocks = row.sync(table)
             if num_blocks > width:
                 width = num_blocks
         return self._row_indices, width
