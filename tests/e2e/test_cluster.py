@@ -55,8 +55,10 @@ def offline(model_dir: Any) -> Any:
 @pytest.fixture(scope="module", params=[(1, 1), (2, 2)], ids=["1P+1D", "2P+2D"])
 def cluster(request: pytest.FixtureRequest, model_dir: Any) -> Iterator[LocalCluster]:
     prefill, decode = request.param
+    # the larger cluster's workers run ahead of their tokens (async scheduling, the CUDA default) on the CPU
+    options = {**WORKER_OPTIONS, "async_scheduling": decode > 1}
     with LocalCluster(model_dir, prefill_workers=prefill, decode_workers=decode, redis_url=REDIS_URL,
-                      worker_options=WORKER_OPTIONS, gateway_options=GATEWAY_OPTIONS) as c:
+                      worker_options=options, gateway_options=GATEWAY_OPTIONS) as c:
         yield c
 
 
