@@ -16,7 +16,7 @@ import torch
 
 from engine.attention import forward_context
 from engine.config import EngineConfig, torch_dtype
-from engine.cuda_graphs import DecodeGraphs
+from engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from engine.kv_cache import KVCache, KVLayout, attention_layers
 from engine.models.loader import iter_weights
 from engine.models.registry import build_model
@@ -58,7 +58,7 @@ class ModelRunner:
         self.model = self._build(hf_config, backend, weights)
         self.vocab_size = hf_config.vocab_size
         self.sampler = Sampler(config.seed)
-        self.last_device_wait_s = 0.0  # time the last execute() waited for the device (its one sync)
+        self.last_device_wait_s = 0.0  # how long the last PendingStep.wait() waited for the device (its one sync)
         attn = attention_layers(self.model)
         self.kv_layout = KVLayout(len(attn), config.block_size, attn[0].num_kv_heads, attn[0].head_dim, self.dtype)
         self.max_model_len = max_model_len
@@ -118,7 +118,10 @@ class ModelRunner:
         free, _ = torch.cuda.mem_get_info(self.device)
         cfg = self.config
         eager_peak = self._profile_peak(cfg.max_num_batched_tokens, min(cfg.max_num_seqs, cfg.max_num_batched_tokens))
-        graph_peak = self._profile_peak(cfg.max_num_seqs, cfg.max_num_seqs) if cfg.enable_cuda_graph else 0
+        graph_peak = 0
+        if cfg.enable_cuda_graph:  # one decode step's activations (graphs share a pool) + every graph's logits
+            held_logits = sum(graph_batch_sizes(cfg.max_num_seqs)) * self.vocab_size * self.dtype.itemsize
+            graph_peak = self._profile_peak(cfg.max_num_seqs, cfg.max_num_seqs) + held_logits
         budget = cfg.kv_cache_memory_fraction * (free - eager_peak - graph_peak)
         log.info("kv_cache_budget", free_gib=round(free / 2**30, 2), eager_peak_gib=round(eager_peak / 2**30, 3),
                  graph_peak_gib=round(graph_peak / 2**30, 3), fraction=cfg.kv_cache_memory_fraction,
