@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import grpc
 import structlog
 
-from engine.engine import RequestOutput
+from engine.outputs import RequestOutput
 from kvtransfer import Destination, KVReceiver, TransferResult, TransferState
 from protos.splitserve.internal.v1 import worker_pb2, worker_pb2_grpc
 from worker_common import metrics

@@ -6,7 +6,6 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from engine.config import EngineConfig
 from engine.model_runner import ModelRunner, PendingStep
 from engine.models.loader import load_hf_config
 from engine.models.registry import max_model_len, model_class
+from engine.outputs import RequestOutput, StepTiming
 from engine.request import Request, RequestStatus, SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from tokenization.detokenizer import IncrementalDetokenizer
@@ -24,52 +24,6 @@ from tokenization.detokenizer import IncrementalDetokenizer
 log = structlog.get_logger(__name__)
 
 Prompt = str | Sequence[int]
-
-
-@dataclass(slots=True)
-class RequestOutput:
-    """A request's state after a step; ``new_*`` is what this step added (for streaming).
-
-    ``token_ids`` (all output tokens so far) is a copy made when read: a step builds an output per
-    running request, and copying every request's whole output each step would cost O(length) per token.
-    """
-
-    request_id: str
-    prompt_token_ids: list[int]
-    new_token_ids: list[int]
-    text: str
-    new_text: str
-    finished: bool
-    finish_reason: str | None
-    num_preemptions: int = 0
-    num_computed_tokens: int = 0
-    num_output_tokens: int = 0
-    _output_ids: list[int] = field(default_factory=list, repr=False)  # the request's list; only ever appended to
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self._output_ids[: self.num_output_tokens]
-
-
-@dataclass(frozen=True)
-class StepTiming:
-    """Where one ``step()`` spent its time: ``host_s`` is the CPU's own work (scheduling, inputs,
-    launches, outputs), ``device_wait_s`` the wait for the GPU's sampled tokens."""
-
-    num_seqs: int
-    num_tokens: int
-    cuda_graph: bool
-    wall_s: float
-    device_wait_s: float
-    ahead: bool = False  # queued while the step before ran (async scheduling)
-
-    @property
-    def decode_only(self) -> bool:
-        return self.num_tokens == self.num_seqs
-
-    @property
-    def host_s(self) -> float:
-        return self.wall_s - self.device_wait_s
 
 
 class Engine:

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 import structlog
 
-from engine.engine import RequestOutput
+from engine.outputs import RequestOutput
 from kvtransfer import KVSender, TransferResult
 from protos.splitserve.internal.v1 import worker_pb2, worker_pb2_grpc
 from worker_common import metrics

@@ -14,7 +14,8 @@ from typing import Any, TypeVar
 
 import structlog
 
-from engine.engine import Engine, RequestOutput
+from engine.engine import Engine
+from engine.outputs import RequestOutput
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from engine.config import EngineConfig
-from engine.engine import Engine, RequestOutput
+from engine.engine import Engine
+from engine.outputs import RequestOutput
 from engine.request import SamplingParams
 
 
