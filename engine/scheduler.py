@@ -227,7 +227,8 @@ class Scheduler:
         ``update_from_output`` skips it (it is finished by then) and its blocks, freed at once, are only
         reused by steps queued after this one on the device.
         """
-        if self._waiting or previous.preempted or len(previous.scheduled) != len(self._running):
+        if not previous.scheduled or self._waiting or previous.preempted or \
+                len(previous.scheduled) != len(self._running):
             return None
         running, block_size = RequestStatus.RUNNING, self.block_manager.block_size
         allocate = self.block_manager.allocate_slots

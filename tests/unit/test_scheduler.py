@@ -279,3 +279,52 @@ def test_max_model_len_caps_output() -> None:
     _, finished = step(scheduler)
     assert finished[0].status is RequestStatus.FINISHED_LENGTH
     assert finished[0].num_tokens == 6
+
+
+# -- schedule_ahead (async scheduling) --------------------------------------------------------------------------------
+def _decoding(scheduler: Scheduler, *requests: Request) -> SchedulerOutput:
+    """Admit and prefill ``requests``; returns a decode step that has been scheduled but not updated yet."""
+    for r in requests:
+        scheduler.add_request(r)
+    output = scheduler.schedule()
+    while any(not item.samples or item.num_new_tokens != 1 for item in output.scheduled) or scheduler.num_waiting:
+        scheduler.update_from_output(output, [TOKEN if item.samples else None for item in output.scheduled])
+        output = scheduler.schedule()
+    return output
+
+
+def test_schedule_ahead_is_the_same_decode_one_token_further() -> None:
+    scheduler = make_scheduler(block_size=4)
+    current = _decoding(scheduler, make_request("a", 7), make_request("b", 4))
+    ahead = scheduler.schedule_ahead(current)
+    assert ahead is not None and ahead.ahead and ahead.num_batched_tokens == 2
+    assert plan(ahead) == [(i.request.request_id, i.start + 1, 1) for i in current.scheduled]
+    for item in ahead.scheduled:  # blocks already cover the token computed ahead
+        assert len(item.request.block_ids) * 4 >= item.start + 1
+    scheduler.update_from_output(current, [TOKEN, TOKEN])
+    scheduler.update_from_output(ahead, [TOKEN, TOKEN])
+    assert [r.num_computed_tokens for r in (ahead.scheduled[0].request, ahead.scheduled[1].request)] == [9, 6]
+    assert all(len(i.request.output_token_ids) == 3 for i in ahead.scheduled)
+
+
+@pytest.mark.parametrize("case", ["waiting", "mid-prompt", "last token", "pool full", "keep_kv"])
+def test_schedule_ahead_declines_when_the_next_step_could_differ(case: str) -> None:
+    scheduler = make_scheduler(num_blocks=3 if case == "pool full" else 64, block_size=4, prefill_chunk_size=4,
+                               max_num_batched_tokens=8)
+    first = make_request("a", 3, max_new_tokens=2 if case == "last token" else 8)
+    if case == "keep_kv":
+        first.keep_kv = True
+    # pool full: "a" decodes position 3 (its block 0), "b" position 7 (its block 1); the step after needs a
+    # block for position 4 of "a", and all 3 are taken
+    current = _decoding(scheduler, first, *([make_request("b", 7, max_new_tokens=3)] if case == "pool full" else []))
+    assert [i.num_new_tokens for i in current.scheduled] == [1] * len(current.scheduled)
+    if case == "waiting":
+        scheduler.add_request(make_request("w", 3))
+    if case == "mid-prompt":  # a long prompt joins, partly computed: the next step holds its next chunk
+        scheduler.update_from_output(current, [TOKEN])
+        scheduler.add_request(make_request("long", 30))
+        current = scheduler.schedule()
+        assert any(not item.samples for item in current.scheduled)
+    free_before = scheduler.block_manager.num_free_blocks
+    assert scheduler.schedule_ahead(current) is None
+    assert scheduler.block_manager.num_free_blocks == free_before
