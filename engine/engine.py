@@ -188,13 +188,11 @@ class Engine:
 
     def _outputs(self, scheduled: SchedulerOutput, sampled: list[int | None], ended: list[bool] | None
                  ) -> list[RequestOutput]:
-        if ended is not None:
-            return [self._output(item.request, token)
-                    for item, token, gone in zip(scheduled.scheduled, sampled, ended, strict=True) if not gone]
+        """Requests that got a token (or compute KV to keep), except those ``ended`` before the step ran."""
         return [
             self._output(item.request, token)
-            for item, token in zip(scheduled.scheduled, sampled, strict=True)
-            if token is not None or item.request.keep_kv
+            for item, token, gone in zip(scheduled.scheduled, sampled, ended or [False] * len(sampled), strict=True)
+            if not gone and (token is not None or item.request.keep_kv)
         ]
 
     def _output(self, req: Request, token: int | None) -> RequestOutput:

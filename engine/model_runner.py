@@ -47,7 +47,7 @@ def resolve_device(name: str) -> torch.device:
 class ModelRunner:
     """Owns the model, the KV pool, the step inputs, the decode graphs and the sampler of one rank."""
 
-    def __init__(self, config: EngineConfig, hf_config: Any, weights: Any = None, max_model_len: int = 2048) -> None:
+    def __init__(self, config: EngineConfig, hf_config: Any, weights: Any, max_model_len: int) -> None:
         self.config = config
         self.device = resolve_device(config.device)
         if config.enable_cuda_graph and self.device.type != "cuda":
@@ -66,7 +66,7 @@ class ModelRunner:
         self.kv_cache = self._allocate_kv_cache()
         self.graphs: DecodeGraphs | None = None
         if config.enable_cuda_graph:
-            self.graphs = DecodeGraphs(self.model, config.max_num_seqs, self.max_blocks_per_seq,
+            self.graphs = DecodeGraphs(self.model, config.max_num_seqs, self.builder.max_blocks_per_seq,
                                        self.max_seq_len, self.device)
             self.graphs.capture()
 
@@ -82,7 +82,6 @@ class ModelRunner:
         return model.eval()
 
     def _input_builder(self, max_blocks_per_seq: int) -> InputBuilder:
-        self.max_blocks_per_seq = max_blocks_per_seq
         return InputBuilder(self.config.max_num_seqs, self.config.max_num_batched_tokens, max_blocks_per_seq,
                             self.config.block_size, self.device)
 
@@ -95,7 +94,7 @@ class ModelRunner:
         num_blocks = self.config.num_kv_blocks or self._blocks_that_fit(layout)
         cache = KVCache(layout, num_blocks, self.device)
         cache.bind(self.model)
-        if num_blocks < self.max_blocks_per_seq:  # no sequence can outgrow the pool: narrower tables
+        if num_blocks < self.builder.max_blocks_per_seq:  # no sequence can outgrow the pool: narrower tables
             self.builder = self._input_builder(num_blocks)
         log.info("kv_cache_allocated", blocks=num_blocks, tokens=num_blocks * layout.block_size,
                  gib=round(cache.nbytes / 2**30, 3), device=str(self.device))
@@ -180,7 +179,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()
         rows = sched if bucket is not None else [s for s in sched if s.samples]  # a graph step samples all
         params = [s.request.sampling for s in rows]
-        if all(p.temperature == 0 for p in params):
+        if all(p.greedy for p in params):  # the common case, decided before building any per-row list
             batch = ALL_GREEDY
         else:  # a token's output index (its seed's noise) is its position past the prompt, known ahead of time
             batch = make_sampling_batch(params, [s.start + s.num_new_tokens - len(s.request.prompt_token_ids)

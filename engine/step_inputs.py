@@ -59,6 +59,7 @@ class InputBuilder:
     def __init__(self, max_num_seqs: int, max_num_tokens: int, max_blocks_per_seq: int, block_size: int,
                  device: torch.device) -> None:
         self.block_size = block_size
+        self.max_blocks_per_seq = max_blocks_per_seq
         self.device = device
         # up to max_num_seqs rows are live at once; rows of the previous step are kept until it is built
         self._table = np.zeros((2 * max_num_seqs, max_blocks_per_seq), dtype=np.int32)

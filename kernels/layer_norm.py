@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels.rms_norm import as_rows, jit_at_launch, rows_launch, write_back
+from kernels.rms_norm import as_rows, jit_at_launch, load_with_residual, rows_launch, write_back
 
 tl: Any = None  # triton.language, bound at the first launch by jit_at_launch
 
@@ -49,11 +49,7 @@ def _layer_norm_kernel(
     rows = (tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
     cols = tl.arange(0, BLOCK_N)[None, :]
     mask = (rows < n_rows) & (cols < n_cols)
-    x = tl.load(x_ptr + rows * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(res_ptr + rows * stride_res + cols, mask=mask, other=0.0)
-        x = (r.to(tl.float32) + x.to(tl.float32)).to(res_ptr.dtype.element_ty)
-        tl.store(res_ptr + rows * stride_res + cols, x, mask=mask)
+    x = load_with_residual(x_ptr, res_ptr, rows, cols, mask, stride_x, stride_res, HAS_RESIDUAL)
     h = x.to(tl.float32)
     mean = (tl.sum(h, axis=1) / n_cols)[:, None]
     centred = tl.where(mask, h - mean, 0.0)

@@ -88,6 +88,18 @@ def rms_norm_ref(
 
 
 @jit_at_launch
+def load_with_residual(x_ptr, res_ptr, rows, cols, mask, stride_x, stride_res, HAS_RESIDUAL: tl.constexpr):
+    """The norms' input tile: x, or with HAS_RESIDUAL x + residual, rounded to the residual's dtype and
+    written back into the residual (both norm kernels start this way)."""
+    x = tl.load(x_ptr + rows * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + rows * stride_res + cols, mask=mask, other=0.0)
+        x = (r.to(tl.float32) + x.to(tl.float32)).to(res_ptr.dtype.element_ty)
+        tl.store(res_ptr + rows * stride_res + cols, x, mask=mask)
+    return x
+
+
+@jit_at_launch
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, y_ptr,
     n_rows, n_cols, stride_x, stride_res, stride_y, eps,
@@ -97,11 +109,7 @@ def _rms_norm_kernel(
     rows = (tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
     cols = tl.arange(0, BLOCK_N)[None, :]
     mask = (rows < n_rows) & (cols < n_cols)
-    x = tl.load(x_ptr + rows * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(res_ptr + rows * stride_res + cols, mask=mask, other=0.0)
-        x = (r.to(tl.float32) + x.to(tl.float32)).to(res_ptr.dtype.element_ty)
-        tl.store(res_ptr + rows * stride_res + cols, x, mask=mask)
+    x = load_with_residual(x_ptr, res_ptr, rows, cols, mask, stride_x, stride_res, HAS_RESIDUAL)
     h = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(h * h, axis=1) / n_cols + eps)[:, None]
     normed = (h * rstd).to(x.dtype).to(tl.float32)

@@ -24,7 +24,7 @@ def _engine(ckpt: Any, static_decode: bool) -> Engine:
                               max_num_batched_tokens=48, prefill_chunk_size=16, max_num_seqs=8))
     if static_decode:
         r = eng.runner
-        r.graphs = DecodeGraphs(r.model, 8, r.max_blocks_per_seq, r.max_seq_len, r.device)
+        r.graphs = DecodeGraphs(r.model, 8, r.builder.max_blocks_per_seq, r.max_seq_len, r.device)
     return eng
 
 
