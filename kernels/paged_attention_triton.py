@@ -1,4 +1,4 @@
-"""Paged attention for a SplitFuse batch in one Triton kernel, plus the split-KV (flash-decoding) reduction.
+"""Paged attention for a SplitFuse batch in one Triton kernel launch, the split-KV (flash-decoding) merge included.
 
 The semantics are ``kernels.paged_attention.paged_attention_ref``'s. The work is cut into query tiles:
 
@@ -19,8 +19,10 @@ block) run masked. Softmax is online, in float32 and base 2 (``qk_scale = scale 
 
 With NUM_SPLITS > 1 the kernel cuts each sequence's key range into NUM_SPLITS BLOCK_N-aligned segments, one
 per program along grid axis 1, and writes unnormalised partial results (acc [T, Hq, S, D_pad], and
-[max, sum] [T, Hq, S, 2]); ``_reduce_splits_kernel`` merges them: out = sum_s 2^(m_s - m) acc_s /
-sum_s 2^(m_s - m) l_s. An empty segment writes m = -inf, l = 0, acc = 0 and drops out of both sums.
+[max, sum] [T, Hq, S, 2]). An empty segment writes m = -inf, l = 0, acc = 0 and drops out of both sums below.
+Still in the one launch, each split program then bumps its tile's arrival counter (one int32 per program
+along axis 0); the last of the NUM_SPLITS to arrive merges the tile's rows, out = sum_s 2^(m_s - m) acc_s /
+sum_s 2^(m_s - m) l_s, and sets the counter back to 0 for the next launch.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import triton.language as tl
 LOG2E = math.log2(math.e)
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 64
+MERGE_ELEMS = 8192  # float32 partials the merging program loads a step: 64 registers a thread at 4 warps
 
 
 @triton.jit
@@ -97,12 +100,40 @@ def _attend_tiles(acc, m_i, l_i, q, k_base, v_base, table_row, start, end, q_lim
 
 
 @triton.jit
-def _query_tile(out, part_acc, part_ml, q, k_base, v_base, table_row, q_start, q_len, first_q, context_len,
+def _merge_splits(out, part_acc, part_ml, token, kv_head, num_q_heads, stride_ot, stride_oh,
+                  GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                  NUM_SPLITS: tl.constexpr, MERGE_CHUNK: tl.constexpr):
+    """out[token, the GROUP heads of kv_head] = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s, m = max_s m_s
+    (finite: segment 0 holds key 0, which every row sees). All heads at once, MERGE_CHUNK splits of each a step:
+    one round trip to memory a chunk, not one a head."""
+    token = token.to(tl.int64)
+    g = tl.arange(0, GROUP_PAD)
+    g_ok = g < GROUP
+    first = (token * num_q_heads + kv_head * GROUP + g) * NUM_SPLITS  # each head's split-0 partial
+    m_s = tl.load(part_ml + (first[:, None] + tl.arange(0, NUM_SPLITS)[None, :]) * 2, mask=g_ok[:, None], other=0.0)
+    m = tl.max(m_s, 1)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    # num_stages=1: a chunk at a time in registers, no shared-memory stages on top of the attention loop's
+    for s0 in tl.range(0, NUM_SPLITS, MERGE_CHUNK, num_stages=1):
+        part = first[:, None] + s0 + tl.arange(0, MERGE_CHUNK)[None, :]
+        w = tl.math.exp2(tl.load(part_ml + part * 2, mask=g_ok[:, None], other=0.0) - m[:, None])
+        l_i += tl.sum(w * tl.load(part_ml + part * 2 + 1, mask=g_ok[:, None], other=1.0), 1)  # pad heads: no 0/0
+        acc_s = tl.load(part_acc + part[:, :, None] * HEAD_DIM_PAD + dims[None, None, :], mask=g_ok[:, None, None],
+                        other=0.0)
+        acc += tl.sum(acc_s * w[:, :, None], 1)
+    o_ptrs = out + token * stride_ot + (kv_head * GROUP + g)[:, None] * stride_oh + dims[None, :]
+    tl.store(o_ptrs, (acc / l_i[:, None]).to(out.dtype.element_ty), mask=g_ok[:, None] & (dims < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _query_tile(out, part_acc, part_ml, counter, q, k_base, v_base, table_row, q_start, q_len, first_q, context_len,
                 kv_head, split, qk_scale, num_q_heads, stride_qt, stride_qh, stride_ot, stride_oh,
                 stride_kb, stride_ks, stride_vb, stride_vs,
-                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                ROWS: tl.constexpr, TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr, TOKENS: tl.constexpr, BLOCK_N: tl.constexpr,
+                NUM_SPLITS: tl.constexpr, MERGE_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Attention of query tokens [first_q, first_q + TOKENS) of one sequence, all GROUP heads of kv_head."""
     rows = tl.arange(0, ROWS)
     dims = tl.arange(0, HEAD_DIM_PAD)
@@ -144,16 +175,24 @@ def _query_tile(out, part_acc, part_ml, q, k_base, v_base, table_row, q_start, q
         tl.store(part_acc + part[:, None] * HEAD_DIM_PAD + dims[None, :], acc, mask=row_ok[:, None])
         tl.store(part_ml + part * 2, m_i, mask=row_ok)
         tl.store(part_ml + part * 2 + 1, l_i, mask=row_ok)
+        # every thread has issued its stores (barrier) before the program's one arrival, whose release (gpu
+        # scope) publishes them; the last arrival's acquire orders its merge loads after every split's stores
+        tl.debug_barrier()
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+            for i in range(tl.minimum(TOKENS, q_len - first_q)):
+                _merge_splits(out, part_acc, part_ml, q_start + first_q + i, kv_head, num_q_heads, stride_ot,
+                              stride_oh, GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, NUM_SPLITS, MERGE_CHUNK)
+            tl.store(counter, 0)  # every split has arrived: ready for the next launch, with no memset
 
 
 @triton.jit
 def _paged_attention_kernel(
-    out, part_acc, part_ml, q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, qk_scale, num_seqs,
-    num_q_heads, num_kv_heads, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
+    out, part_acc, part_ml, counters, q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, qk_scale,
+    num_seqs, num_q_heads, num_kv_heads, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_bt,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, SMALL_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, SMALL_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MERGE_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # kv heads vary fastest and the last query tiles (the longest causal rows of a chunk) start first,
     # so the work left for the last wave is short
@@ -170,31 +209,18 @@ def _paged_attention_kernel(
     k_base = k_cache + kv_head * stride_kh
     v_base = v_cache + kv_head * stride_vh
     table_row = block_tables + b.to(tl.int64) * stride_bt
+    counter = counters + pid
     if BLOCK_M > SMALL_M and q_len * GROUP <= SMALL_M:
         # a decode token in a prompt-sized launch: a SMALL_M-row tile instead of BLOCK_M rows mostly empty
-        _query_tile(out, part_acc, part_ml, q, k_base, v_base, table_row, q_start, q_len, first_q, context_len,
+        _query_tile(out, part_acc, part_ml, counter, q, k_base, v_base, table_row, q_start, q_len, first_q, context_len,
                     kv_head, split, qk_scale, num_q_heads, stride_qt, stride_qh, stride_ot, stride_oh,
-                    stride_kb, stride_ks, stride_vb, stride_vs, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE,
-                    SMALL_M, SMALL_M // GROUP, BLOCK_N, NUM_SPLITS, DOT_PRECISION)
+                    stride_kb, stride_ks, stride_vb, stride_vs, GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD,
+                    BLOCK_SIZE, SMALL_M, SMALL_M // GROUP, BLOCK_N, NUM_SPLITS, MERGE_CHUNK, DOT_PRECISION)
     else:
-        _query_tile(out, part_acc, part_ml, q, k_base, v_base, table_row, q_start, q_len, first_q, context_len,
+        _query_tile(out, part_acc, part_ml, counter, q, k_base, v_base, table_row, q_start, q_len, first_q, context_len,
                     kv_head, split, qk_scale, num_q_heads, stride_qt, stride_qh, stride_ot, stride_oh,
-                    stride_kb, stride_ks, stride_vb, stride_vs, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE,
-                    BLOCK_M, BLOCK_Q, BLOCK_N, NUM_SPLITS, DOT_PRECISION)
-
-
-@triton.jit
-def _reduce_splits_kernel(out, part_acc, part_ml, num_q_heads, stride_ot, stride_oh,
-                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    token, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    part = (token * num_q_heads + head) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
-    dims = tl.arange(0, HEAD_DIM_PAD)
-    m = tl.load(part_ml + part * 2)
-    l_s = tl.load(part_ml + part * 2 + 1)
-    w = tl.math.exp2(m - tl.max(m, 0))
-    acc = tl.load(part_acc + part[:, None] * HEAD_DIM_PAD + dims[None, :])
-    o = tl.sum(acc * w[:, None], 0) / tl.sum(l_s * w, 0)
-    tl.store(out + token * stride_ot + head * stride_oh + dims, o.to(out.dtype.element_ty), mask=dims < HEAD_DIM)
+                    stride_kb, stride_ks, stride_vb, stride_vs, GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD,
+                    BLOCK_SIZE, BLOCK_M, BLOCK_Q, BLOCK_N, NUM_SPLITS, MERGE_CHUNK, DOT_PRECISION)
 
 
 @dataclass(frozen=True)
@@ -261,7 +287,7 @@ def paged_attention(
     num_kv_splits: int | None = None,
     config: TileConfig | None = None,
 ) -> torch.Tensor:
-    """``paged_attention_ref`` as one launch (two with split-KV); returns a new [T, Hq, D] tensor.
+    """``paged_attention_ref`` as one launch (split-KV too); returns a new [T, Hq, D] tensor.
 
     max_query_len / max_seq_len (python ints) pick the tile shape and the split count; when None they are
     read from the device (a sync). num_kv_splits (a power of two) and config override the choices.
@@ -287,31 +313,47 @@ def paged_attention(
                    scale, cfg, splits)
 
 
+# per device, the split-KV arrival counters: zero between launches, since the last split program of each tile
+# sets its own back. The newest buffer is last; the older, smaller ones are kept, never freed, because a CUDA
+# graph captured with one replays its address.
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """A zeroed int32 buffer of >= n counters on ``device``, grown to the next power of two when too small."""
+    buffers = _COUNTERS.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < n:
+        # Growing inside a CUDA graph capture records this memset into that graph and takes the memory from its
+        # pool (held here, so it outlives the graph's own tensors); the counters read zero only once that graph
+        # has replayed, hence engine.cuda_graphs' eager warm-up of every shape before its capture.
+        buffers.append(torch.zeros(triton.next_power_of_2(n), dtype=torch.int32, device=device))
+    return buffers[-1]
+
+
 def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
             query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float, cfg: TileConfig,
             splits: int) -> torch.Tensor:
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs, num_kv_heads = seq_lens.shape[0], k_cache.shape[2]
     group, d_pad = num_q_heads // num_kv_heads, triton.next_power_of_2(head_dim)
+    group_pad = triton.next_power_of_2(group)
     out = torch.empty(num_tokens, num_q_heads, head_dim, dtype=q.dtype, device=q.device)
-    part_acc = part_ml = out  # unused unless split
+    block_q = cfg.block_m // group
+    programs = (num_tokens // block_q + num_seqs) * num_kv_heads
+    part_acc = part_ml = counters = out  # unused unless split
     if splits > 1:
         part_acc = torch.empty(num_tokens, num_q_heads, splits, d_pad, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(num_tokens, num_q_heads, splits, 2, dtype=torch.float32, device=q.device)
-    block_q = cfg.block_m // group
-    _paged_attention_kernel[((num_tokens // block_q + num_seqs) * num_kv_heads, splits)](
-        out, part_acc, part_ml, q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale * LOG2E,
+        counters = _split_counters(q.device, programs)
+    _paged_attention_kernel[(programs, splits)](
+        out, part_acc, part_ml, counters, q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale * LOG2E,
         num_seqs, num_q_heads, num_kv_heads, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_tables.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_SIZE=k_cache.shape[1], BLOCK_M=cfg.block_m,
-        BLOCK_Q=block_q, SMALL_M=max(16, triton.next_power_of_2(group)), BLOCK_N=cfg.block_n,
-        NUM_SPLITS=splits, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_M=cfg.block_m, BLOCK_Q=block_q, SMALL_M=max(16, group_pad), BLOCK_N=cfg.block_n, NUM_SPLITS=splits,
+        MERGE_CHUNK=min(splits, max(1, MERGE_ELEMS // (group_pad * d_pad))),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if splits > 1:
-        _reduce_splits_kernel[(num_tokens, num_q_heads)](
-            out, part_acc, part_ml, num_q_heads, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, NUM_SPLITS=splits, num_warps=4,
-        )
     return out

@@ -14,6 +14,7 @@ import torch
 import triton
 
 from kernels import get_ops
+from kernels import paged_attention_triton as pa
 from kernels.paged_attention import paged_attention_ref
 from kernels.paged_attention_triton import TileConfig, choose_kv_splits, paged_attention
 
@@ -94,6 +95,45 @@ def test_split_kv_with_prompt_chunks() -> None:
     check(make_batch([40, 1, 3], [60, 150, 0], 4, 1, 64, 32), num_kv_splits=4)
 
 
+def _counters(device: torch.device) -> torch.Tensor:
+    """The split-KV arrival counters the launcher hands the kernel now (the newest buffer)."""
+    return pa._COUNTERS[device][-1]
+
+
+def test_split_kv_counters_reset_themselves() -> None:
+    """The last split program of each tile sets its counter back to 0, so a second launch merges too."""
+    batch = make_batch([1, 1, 1], [150, 40, 77], 8, 2, 64, 16)
+    for _ in range(2):
+        check(batch, num_kv_splits=4)
+        assert not _counters(batch["q"].device).any()
+
+
+def test_split_kv_all_but_one_segment_empty() -> None:
+    """3 keys over 8 splits: segments 1..7 of that sequence are empty (m = -inf) and must drop out of the merge,
+    next to a long sequence whose 8 segments all hold keys."""
+    check(make_batch([1, 1], [2, 300], 8, 2, 64, 16), num_kv_splits=8)
+
+
+def test_split_kv_merge_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The merge reads 2 splits of every head a step; 6 query heads a kv head leave 2 padding heads of 8 masked."""
+    monkeypatch.setattr(pa, "MERGE_ELEMS", 2 * 8 * 64)
+    check(make_batch([1, 2, 1], [2, 40, 300], 12, 2, 64, 16), num_kv_splits=8)
+
+
+def test_split_kv_counter_buffer_grows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A launch with more query tiles than the buffer holds counters for grows it; the unsplit path takes none."""
+    monkeypatch.setattr(pa, "_COUNTERS", {})
+    small, large = make_batch([1], [40], 4, 1, 64, 16), make_batch([1] * 6, [90, 3, 200, 45, 130, 7], 8, 2, 64, 16)
+    device = small["q"].device
+    check(small, num_kv_splits=1)
+    assert device not in pa._COUNTERS
+    check(small, num_kv_splits=2)
+    held = _counters(device).numel()
+    check(large, num_kv_splits=2)
+    grown = _counters(device)
+    assert grown.numel() > held and not grown.any()
+
+
 @pytest.mark.parametrize("q_len", [300, 1, 2])
 def test_single_sequence_from_empty_cache(q_len: int) -> None:
     check(make_batch([q_len], [0], 4, 1, 64, 16))
@@ -150,7 +190,7 @@ def test_split_choice() -> None:
     assert choose_kv_splits(4, 8, 1, 4096, h100) == 16
     assert choose_kv_splits(64, 8, 1, 4096, h100) == 1  # already 512 programs
     assert choose_kv_splits(1, 8, 7, 32768, h100) == 1  # a prompt chunk in the batch: no split
-    assert choose_kv_splits(1, 8, 1, 300, h100) == 1  # too short to be worth a second launch
+    assert choose_kv_splits(1, 8, 1, 300, h100) == 1  # too short to be worth splitting
 
 
 def _compile_for_h100(kernel: Any, pointers: dict[str, str], constexprs: dict[str, Any], **options: int) -> Any:
@@ -169,23 +209,21 @@ def _compile_for_h100(kernel: Any, pointers: dict[str, str], constexprs: dict[st
 
 
 def build_for_h100(dtype: str, head_dim: int, block_m: int, block_n: int, splits: int, warps: int) -> None:
-    """Compile both kernels for sm_90 and check that the K/V loads are software-pipelined (asynchronous
-    copies into shared memory). Needs TRITON_INTERPRET unset: test_compiles_for_h100 runs it in a child."""
-    from kernels import paged_attention_triton as pa
-
+    """Compile the kernel for sm_90 and check that the K/V loads are software-pipelined (asynchronous copies
+    into shared memory) and that a split program's arrival is an acq_rel atomic of gpu scope (the merge's
+    memory ordering, which the interpreter cannot test). Needs TRITON_INTERPRET unset: test_compiles_for_h100
+    runs it in a child."""
     ptr, part = f"*{dtype}", "*fp32" if splits > 1 else f"*{dtype}"
-    pointers = dict(out=ptr, part_acc=part, part_ml=part, q=ptr, k_cache=ptr, v_cache=ptr, block_tables="*i32",
-                    query_start_loc="*i32", seq_lens="*i32")
-    constexprs = dict(GROUP=4, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=16,
-                      BLOCK_M=block_m, BLOCK_Q=block_m // 4, SMALL_M=16, BLOCK_N=block_n, NUM_SPLITS=splits,
-                      DOT_PRECISION="tf32")
+    pointers = dict(out=ptr, part_acc=part, part_ml=part, counters="*i32" if splits > 1 else ptr, q=ptr,
+                    k_cache=ptr, v_cache=ptr, block_tables="*i32", query_start_loc="*i32", seq_lens="*i32")
+    d_pad = triton.next_power_of_2(head_dim)
+    constexprs = dict(GROUP=4, GROUP_PAD=4, HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_SIZE=16, BLOCK_M=block_m,
+                      BLOCK_Q=block_m // 4, SMALL_M=16, BLOCK_N=block_n, NUM_SPLITS=splits,
+                      MERGE_CHUNK=min(splits, pa.MERGE_ELEMS // (4 * d_pad)), DOT_PRECISION="tf32")
     compiled = _compile_for_h100(pa._paged_attention_kernel, pointers, constexprs, num_warps=warps, num_stages=3)
     assert compiled.asm["cubin"]
     assert "async_copy_global_to_local" in compiled.asm["ttgir"], "K/V loads are no longer pipelined"
-    if splits > 1:
-        reduce = dict(out=ptr, part_acc="*fp32", part_ml="*fp32")
-        constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), NUM_SPLITS=splits)
-        assert _compile_for_h100(pa._reduce_splits_kernel, reduce, constexprs, num_warps=4).asm["cubin"]
+    assert ("atom.global.gpu.acq_rel.add" in compiled.asm["ptx"]) == (splits > 1)
 
 
 def _triton_has_cuda_backend() -> bool:
