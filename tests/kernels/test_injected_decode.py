@@ -1,0 +1,37 @@
+"""The engine with every Triton kernel injected (interpreter on CPU) generates transformers' greedy tokens,
+one sequence at a time: its decode steps have one row, so they run the fused norm -> GEMV -> activation
+launches (kernels.gemv.norm_gemv) and the one-row GEMV; the prompt runs through the separate kernels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.request import SamplingParams
+
+NEW = 6
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize(("family", "overrides"), [
+    ("llama", {}),
+    ("qwen2", dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2)),  # biased qkv
+    ("gpt2", {}),  # LayerNorm + GELU, biases everywhere
+])
+def test_one_sequence_with_kernels_matches_transformers(
+    family: str, overrides: dict, device: str, make_checkpoint: Any
+) -> None:
+    model_dir = make_checkpoint(family, **overrides)
+    eng = Engine(EngineConfig(model=str(model_dir), dtype="float32", device=device, block_size=16, num_kv_blocks=16,
+                              max_num_seqs=2, replace_with_kernel_inject=True))
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompt = torch.randint(1, 500, (11,), generator=torch.Generator().manual_seed(3)).tolist()
+    [out] = eng.generate([prompt], SamplingParams(max_new_tokens=NEW, ignore_eos=True))
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                      pad_token_id=0)[0, len(prompt):].tolist()
+    assert out.token_ids == ref
