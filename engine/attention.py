@@ -54,8 +54,7 @@ def current_metadata() -> AttentionMetadata:
 
 
 class Attention(nn.Module):
-    """A block's attention up to its output projection: the pre-norm, the qkv projection, rotary, this
-    step's K/V into the layer's cache blocks, then attention over the paged cache.
+    """Writes this step's K/V into the layer's cache blocks, then attends over the paged cache.
 
     ``k_cache``/``v_cache`` ([num_blocks, block_size, Hkv, D] views of the pool) are bound by
     the model runner once the KV pool exists.
@@ -71,27 +70,26 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        norm: nn.Module,
-        qkv_proj: nn.Module,
-        x: torch.Tensor,
-        residual: torch.Tensor | None,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
         positions: torch.Tensor | None = None,
         cos_sin_cache: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, residual: [T, H] -> (attention output [T, Hq * D], x + residual, the next residual).
+    ) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq * D].
 
-        ``norm`` (RMSNorm, or LayerNorm with a ``bias``) and ``qkv_proj`` (weight [(Hq + 2 Hkv) D, H]) run in
-        one op with the rotary of q and k (given ``positions`` [T] and a ``cos_sin_cache``) and the KV write
-        (``Ops.norm_qkv_kv_write``: a single kernel for a decode step of one token).
+        With ``positions`` [T] and a rotary ``cos_sin_cache``, q and k are rotated first, in one op
+        with the KV write (the rotated k goes straight into the cache).
         """
         md = current_metadata()
-        q, h = self.ops.norm_qkv_kv_write(
-            x, residual, norm.weight, getattr(norm, "bias", None), norm.eps, qkv_proj.weight, qkv_proj.bias,
-            (self.num_heads, self.num_kv_heads, self.head_dim), positions, cos_sin_cache, self.k_cache,
-            self.v_cache, md.slot_mapping,
-        )
+        if cos_sin_cache is None:
+            self.ops.kv_write(k, v, self.k_cache, self.v_cache, md.slot_mapping)
+        else:
+            q = self.ops.rotary_kv_write(
+                positions, q, k, v, cos_sin_cache, self.k_cache, self.v_cache, md.slot_mapping
+            )
         out = self.ops.paged_attention(
             q, self.k_cache, self.v_cache, md.block_tables, md.query_start_loc, md.seq_lens, self.scale,
             max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,
         )
-        return out.flatten(1), h
+        return out.flatten(1)

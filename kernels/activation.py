@@ -64,7 +64,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @jit_at_launch
-def tanh(z):
+def _tanh(z):
     """tanh(z) = sign(z) (1 - e^-2|z|) / (1 + e^-2|z|): the exponential never overflows."""
     t = tl.exp(-2.0 * tl.abs(z))
     r = (1.0 - t) / (1.0 + t)
@@ -77,7 +77,7 @@ def _gelu_kernel(x_ptr, y_ptr, n, TANH: tl.constexpr, BLOCK: tl.constexpr):  # T
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if TANH:
-        y = 0.5 * x * (1.0 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+        y = 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
     else:
         y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)

@@ -17,12 +17,13 @@ Keys are walked in BLOCK_N tiles, each key's physical block read from the block 
 every row of the query tile run unmasked; the tiles crossing the causal diagonal (and the partial last
 block) run masked. Softmax is online, in float32 and base 2 (``qk_scale = scale * log2 e``).
 
-With NUM_SPLITS > 1 the kernel cuts each sequence's key range into NUM_SPLITS BLOCK_N-aligned segments, one
-per program along grid axis 1, and writes unnormalised partial results (acc [T, Hq, S, D_pad], and
-[max, sum] [T, Hq, S, 2]). An empty segment writes m = -inf, l = 0, acc = 0 and drops out of both sums below.
-Still in the one launch, each split program then bumps its tile's arrival counter (one int32 per program
-along axis 0); the last of the NUM_SPLITS to arrive merges the tile's rows, out = sum_s 2^(m_s - m) acc_s /
-sum_s 2^(m_s - m) l_s, and sets the counter back to 0 for the next launch.
+With NUM_SPLITS > 1 the kernel cuts each sequence's key range into at most NUM_SPLITS BLOCK_N-aligned
+segments of at least MIN_KEYS_PER_ACTIVE_SPLIT keys, one per program along grid axis 1: a context shorter
+than the launch was sized for (a CUDA graph is captured for the longest) fills only its first n_active
+splits, and the other programs do nothing. Each active one writes unnormalised partial results (acc
+[T, Hq, S, D_pad], and [max, sum] [T, Hq, S, 2]), then bumps its tile's arrival counter (one int32 per
+program along axis 0); still in the one launch, the last of the n_active to arrive merges the tile's rows,
+out = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s, and sets the counter back to 0 for the next launch.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import triton.language as tl
 LOG2E = math.log2(math.e)
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 64
+MIN_KEYS_PER_ACTIVE_SPLIT = 64  # inside a launch with splits, the fewest keys a split that holds any gets
 MERGE_ELEMS = 8192  # float32 partials the merging program loads a step: 64 registers a thread at 4 warps
 
 
@@ -100,29 +102,34 @@ def _attend_tiles(acc, m_i, l_i, q, k_base, v_base, table_row, start, end, q_lim
 
 
 @triton.jit
-def _merge_splits(out, part_acc, part_ml, token, kv_head, num_q_heads, stride_ot, stride_oh,
+def _merge_splits(out, part_acc, part_ml, token, kv_head, num_q_heads, stride_ot, stride_oh, n_active,
                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                   NUM_SPLITS: tl.constexpr, MERGE_CHUNK: tl.constexpr):
-    """out[token, the GROUP heads of kv_head] = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s, m = max_s m_s
-    (finite: segment 0 holds key 0, which every row sees). All heads at once, MERGE_CHUNK splits of each a step:
-    one round trip to memory a chunk, not one a head."""
+    """out[token, the GROUP heads of kv_head] = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s over the first
+    n_active splits, m = max_s m_s (finite: segment 0 holds key 0, which every row sees). All heads at once,
+    MERGE_CHUNK splits of each a step: one round trip to memory a chunk, not one a head."""
     token = token.to(tl.int64)
     g = tl.arange(0, GROUP_PAD)
     g_ok = g < GROUP
     first = (token * num_q_heads + kv_head * GROUP + g) * NUM_SPLITS  # each head's split-0 partial
-    m_s = tl.load(part_ml + (first[:, None] + tl.arange(0, NUM_SPLITS)[None, :]) * 2, mask=g_ok[:, None], other=0.0)
-    m = tl.max(m_s, 1)
+    s_all = tl.arange(0, NUM_SPLITS)[None, :]
+    m_s = tl.load(part_ml + (first[:, None] + s_all) * 2, mask=g_ok[:, None] & (s_all < n_active),
+                  other=float("-inf"))
+    m = tl.where(g_ok, tl.max(m_s, 1), 0.0)  # pad heads: any finite m (never stored)
     dims = tl.arange(0, HEAD_DIM_PAD)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     # num_stages=1: a chunk at a time in registers, no shared-memory stages on top of the attention loop's
-    for s0 in tl.range(0, NUM_SPLITS, MERGE_CHUNK, num_stages=1):
-        part = first[:, None] + s0 + tl.arange(0, MERGE_CHUNK)[None, :]
-        w = tl.math.exp2(tl.load(part_ml + part * 2, mask=g_ok[:, None], other=0.0) - m[:, None])
-        l_i += tl.sum(w * tl.load(part_ml + part * 2 + 1, mask=g_ok[:, None], other=1.0), 1)  # pad heads: no 0/0
-        acc_s = tl.load(part_acc + part[:, :, None] * HEAD_DIM_PAD + dims[None, None, :], mask=g_ok[:, None, None],
+    for s0 in tl.range(0, n_active, MERGE_CHUNK, num_stages=1):
+        s = s0 + tl.arange(0, MERGE_CHUNK)[None, :]
+        ok = g_ok[:, None] & (s < n_active)
+        part = first[:, None] + s
+        w = tl.math.exp2(tl.load(part_ml + part * 2, mask=ok, other=float("-inf")) - m[:, None])
+        l_i += tl.sum(w * tl.load(part_ml + part * 2 + 1, mask=ok, other=0.0), 1)
+        acc_s = tl.load(part_acc + part[:, :, None] * HEAD_DIM_PAD + dims[None, None, :], mask=ok[:, :, None],
                         other=0.0)
         acc += tl.sum(acc_s * w[:, :, None], 1)
+    l_i = tl.where(g_ok, l_i, 1.0)  # pad heads: no 0/0
     o_ptrs = out + token * stride_ot + (kv_head * GROUP + g)[:, None] * stride_oh + dims[None, :]
     tl.store(o_ptrs, (acc / l_i[:, None]).to(out.dtype.element_ty), mask=g_ok[:, None] & (dims < HEAD_DIM)[None, :])
 
@@ -133,7 +140,8 @@ def _query_tile(out, part_acc, part_ml, counter, q, k_base, v_base, table_row, q
                 stride_kb, stride_ks, stride_vb, stride_vs,
                 GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                 BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr, TOKENS: tl.constexpr, BLOCK_N: tl.constexpr,
-                NUM_SPLITS: tl.constexpr, MERGE_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, MERGE_CHUNK: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
     """Attention of query tokens [first_q, first_q + TOKENS) of one sequence, all GROUP heads of kv_head."""
     rows = tl.arange(0, ROWS)
     dims = tl.arange(0, HEAD_DIM_PAD)
@@ -149,8 +157,12 @@ def _query_tile(out, part_acc, part_ml, counter, q, k_base, v_base, table_row, q
     kv_end = context_len + tl.minimum(first_q + TOKENS, q_len)
     lo = 0
     hi = kv_end
+    n_active = 1
     if NUM_SPLITS > 1:
-        per_split = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        # at least MIN_SPLIT_TILES key tiles a split: a short context (a graph captured for the longest) takes
+        # only the splits it fills; the others attend to nothing, write nothing, and the merge skips them
+        per_split = tl.maximum(tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N), MIN_SPLIT_TILES) * BLOCK_N
+        n_active = tl.cdiv(kv_end, per_split)
         lo = tl.minimum(split * per_split, kv_end)
         hi = tl.minimum(lo + per_split, kv_end)
     unmasked_end = tl.maximum(tl.minimum(hi, all_see // BLOCK_N * BLOCK_N), lo)
@@ -170,7 +182,7 @@ def _query_tile(out, part_acc, part_ml, counter, q, k_base, v_base, table_row, q
         o = acc / l_i[:, None]
         o_ptrs = out + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
         tl.store(o_ptrs, o.to(out.dtype.element_ty), mask=io_mask)
-    else:
+    elif split < n_active:
         part = (token * num_q_heads + head) * NUM_SPLITS + split
         tl.store(part_acc + part[:, None] * HEAD_DIM_PAD + dims[None, :], acc, mask=row_ok[:, None])
         tl.store(part_ml + part * 2, m_i, mask=row_ok)
@@ -178,11 +190,11 @@ def _query_tile(out, part_acc, part_ml, counter, q, k_base, v_base, table_row, q
         # every thread has issued its stores (barrier) before the program's one arrival, whose release (gpu
         # scope) publishes them; the last arrival's acquire orders its merge loads after every split's stores
         tl.debug_barrier()
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == n_active - 1:
             for i in range(tl.minimum(TOKENS, q_len - first_q)):
                 _merge_splits(out, part_acc, part_ml, q_start + first_q + i, kv_head, num_q_heads, stride_ot,
-                              stride_oh, GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, NUM_SPLITS, MERGE_CHUNK)
-            tl.store(counter, 0)  # every split has arrived: ready for the next launch, with no memset
+                              stride_oh, n_active, GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, NUM_SPLITS, MERGE_CHUNK)
+            tl.store(counter, 0)  # every active split has arrived: ready for the next launch, with no memset
 
 
 @triton.jit
@@ -192,7 +204,8 @@ def _paged_attention_kernel(
     stride_vb, stride_vs, stride_vh, stride_bt,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, SMALL_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MERGE_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, MERGE_CHUNK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # kv heads vary fastest and the last query tiles (the longest causal rows of a chunk) start first,
     # so the work left for the last wave is short
@@ -215,12 +228,13 @@ def _paged_attention_kernel(
         _query_tile(out, part_acc, part_ml, counter, q, k_base, v_base, table_row, q_start, q_len, first_q, context_len,
                     kv_head, split, qk_scale, num_q_heads, stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_kb, stride_ks, stride_vb, stride_vs, GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD,
-                    BLOCK_SIZE, SMALL_M, SMALL_M // GROUP, BLOCK_N, NUM_SPLITS, MERGE_CHUNK, DOT_PRECISION)
+                    BLOCK_SIZE, SMALL_M, SMALL_M // GROUP, BLOCK_N, NUM_SPLITS, MIN_SPLIT_TILES, MERGE_CHUNK,
+                    DOT_PRECISION)
     else:
         _query_tile(out, part_acc, part_ml, counter, q, k_base, v_base, table_row, q_start, q_len, first_q, context_len,
                     kv_head, split, qk_scale, num_q_heads, stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_kb, stride_ks, stride_vb, stride_vs, GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD,
-                    BLOCK_SIZE, BLOCK_M, BLOCK_Q, BLOCK_N, NUM_SPLITS, MERGE_CHUNK, DOT_PRECISION)
+                    BLOCK_SIZE, BLOCK_M, BLOCK_Q, BLOCK_N, NUM_SPLITS, MIN_SPLIT_TILES, MERGE_CHUNK, DOT_PRECISION)
 
 
 @dataclass(frozen=True)
@@ -352,6 +366,7 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block
         v_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=cfg.block_m, BLOCK_Q=block_q, SMALL_M=max(16, group_pad), BLOCK_N=cfg.block_n, NUM_SPLITS=splits,
+        MIN_SPLIT_TILES=max(1, MIN_KEYS_PER_ACTIVE_SPLIT // cfg.block_n),
         MERGE_CHUNK=min(splits, max(1, MERGE_ELEMS // (group_pad * d_pad))),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from engine.attention import Attention
-from engine.models.layers import LayerNorm, norm_linear
+from engine.models.layers import LayerNorm
 from engine.models.loader import load_named_weights
 from engine.parallel import (
     ColumnParallelLinear,
@@ -21,7 +21,7 @@ from engine.parallel import (
 )
 from kernels import Ops
 
-_GELU = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
+_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
 
 
 class GPT2Attention(nn.Module):
@@ -35,23 +35,22 @@ class GPT2Attention(nn.Module):
         scale = self.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
         self.attn = Attention(self.num_heads, self.num_heads, self.head_dim, scale, ops)
 
-    def forward(
-        self, norm: LayerNorm, h: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """norm(h + residual) -> c_attn -> KV write -> attention -> c_proj; returns (out, h + residual)."""
-        out, residual = self.attn(norm, self.c_attn, h, residual)
-        return self.c_proj(out), residual
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.view(-1, self.num_heads, self.head_dim) for t in self.c_attn(x).chunk(3, dim=-1))
+        return self.c_proj(self.attn(q, k, v))
 
 
 class GPT2MLP(nn.Module):
-    """c_proj(gelu(c_fc(x))); the block runs c_fc fused with ln_2 before it and the GELU after it."""
-
     def __init__(self, cfg: Any, ops: Ops) -> None:
         super().__init__()
         inner = cfg.n_inner or 4 * cfg.hidden_size
         self.c_fc = ColumnParallelLinear(cfg.hidden_size, [inner], True, ops)
         self.c_proj = RowParallelLinear(inner, cfg.hidden_size, True, ops)
-        self.activation = _GELU[cfg.activation_function]
+        self.approximate = _GELU[cfg.activation_function]
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.ops.gelu(self.c_fc(x), self.approximate))
 
 
 class GPT2Block(nn.Module):
@@ -63,9 +62,12 @@ class GPT2Block(nn.Module):
         self.mlp = GPT2MLP(cfg, ops)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        h, residual = self.attn(self.ln_1, h, residual)
-        act, residual = norm_linear(self.ln_2, self.mlp.c_fc, h, residual, self.mlp.activation)
-        return self.mlp.c_proj(act), residual
+        if residual is None:
+            h, residual = self.ln_1(h), h
+        else:
+            h, residual = self.ln_1(h, residual)
+        h, residual = self.ln_2(self.attn(h), residual)
+        return self.mlp(h), residual
 
 
 class GPT2Model(nn.Module):

@@ -34,24 +34,17 @@ class LayerNorm(nn.Module):
         return self.ops.layer_norm(x, self.weight, self.bias, self.eps, residual)
 
 
-def norm_linear(
-    norm: RMSNorm | LayerNorm, linear: ColumnParallelLinear, x: torch.Tensor, residual: torch.Tensor | None,
-    activation: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A pre-norm block's entry, ``activation(linear(norm(x + residual)))``, as one op (``Ops.norm_linear``:
-    one kernel for a decode step of one row). Returns (y, x + residual), the sum being the next residual."""
-    norm_bias = norm.bias if isinstance(norm, LayerNorm) else None
-    return linear.ops.norm_linear(x, residual, norm.weight, norm_bias, norm.eps, linear.weight, linear.bias, activation)
-
-
 class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)): gate and up are one column-parallel matmul, which the decoder layer runs
-    with its norm before and the SiLU-and-mul after (``norm_linear``), then down_proj."""
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one column-parallel matmul."""
 
     def __init__(self, hidden: int, intermediate: int, bias: bool, ops: Ops) -> None:
         super().__init__()
         self.gate_up_proj = ColumnParallelLinear(hidden, [intermediate, intermediate], bias, ops)
         self.down_proj = RowParallelLinear(intermediate, hidden, bias, ops)
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 def rope_parameters(hf_config: Any) -> dict[str, Any]:

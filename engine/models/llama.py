@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from engine.attention import Attention
-from engine.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, norm_linear, rope_parameters
+from engine.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, rope_parameters
 from engine.models.loader import load_named_weights
 from engine.parallel import (
     ColumnParallelLinear,
@@ -33,18 +33,19 @@ class LlamaAttention(nn.Module):
         d = head_dim_of(cfg)
         heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
         self.num_heads, self.num_kv_heads = divide(heads, tp, "attention heads"), divide(kv_heads, tp, "kv heads")
+        self.q_size, self.kv_size, self.head_dim = self.num_heads * d, self.num_kv_heads * d, d
         self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, [heads * d, kv_heads * d, kv_heads * d], qkv_bias, ops)
         self.o_proj = RowParallelLinear(heads * d, cfg.hidden_size, o_bias, ops)
         rot_dim = int(d * getattr(cfg, "partial_rotary_factor", 1.0))
         self.rotary_emb = RotaryEmbedding(d, rot_dim, cfg.max_position_embeddings, rope_parameters(cfg), ops)
         self.attn = Attention(self.num_heads, self.num_kv_heads, d, d**-0.5, ops)
 
-    def forward(
-        self, positions: torch.Tensor, norm: RMSNorm, h: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """norm(h + residual) -> qkv -> rotary -> KV write -> attention -> o_proj; returns (out, h + residual)."""
-        out, residual = self.attn(norm, self.qkv_proj, h, residual, positions, self.rotary_emb.cos_sin_cache)
-        return self.o_proj(out), residual
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        return self.o_proj(self.attn(q, k, v, positions, self.rotary_emb.cos_sin_cache))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -58,9 +59,13 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        h, residual = self.self_attn(positions, self.input_layernorm, h, residual)
-        act, residual = norm_linear(self.post_attention_layernorm, self.mlp.gate_up_proj, h, residual, "silu_and_mul")
-        return self.mlp.down_proj(act), residual
+        if residual is None:
+            h, residual = self.input_layernorm(h), h
+        else:
+            h, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(positions, h)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):

@@ -114,6 +114,17 @@ def test_split_kv_all_but_one_segment_empty() -> None:
     check(make_batch([1, 1], [2, 300], 8, 2, 64, 16), num_kv_splits=8)
 
 
+@pytest.mark.parametrize("min_keys", [16, 64, 4096])
+def test_split_kv_uses_only_the_splits_a_context_fills(monkeypatch: pytest.MonkeyPatch, min_keys: int) -> None:
+    """A launch sized for long contexts (a CUDA graph's) gives a short one only the splits it fills with at
+    least MIN_KEYS_PER_ACTIVE_SPLIT keys: 4096 leaves every sequence one split, 16 spreads 300 keys over all 16;
+    the merge reads just those, and each tile's counter is back at 0 after the launch."""
+    monkeypatch.setattr(pa, "MIN_KEYS_PER_ACTIVE_SPLIT", min_keys)
+    batch = make_batch([1, 1, 1], [2, 70, 300], 8, 2, 64, 16)
+    check(batch, num_kv_splits=16)
+    assert not _counters(batch["q"].device).any()
+
+
 def test_split_kv_merge_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """The merge reads 2 splits of every head a step; 6 query heads a kv head leave 2 padding heads of 8 masked."""
     monkeypatch.setattr(pa, "MERGE_ELEMS", 2 * 8 * 64)
