@@ -8,7 +8,8 @@ replays. Mixed SplitFuse steps (prompt chunks) run eagerly. Graphs share one mem
 largest first so the smaller ones reuse its blocks.
 
 Attention's launch shape is fixed at capture: decode tiles, and the split-KV count chosen for the
-longest context the pool can hold (the kernel spreads whatever context a sequence has over the splits).
+longest context the pool can hold (a shorter context fills only the splits it needs, see
+kernels/paged_attention_triton.py).
 """
 
 from __future__ import annotations

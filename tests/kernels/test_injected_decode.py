@@ -1,6 +1,6 @@
 """The engine with every Triton kernel injected (interpreter on CPU) generates transformers' greedy tokens,
-one sequence at a time: its decode steps have one row, so every projection runs the one-row GEMV and the
-attention splits the keys (merged in the same launch); the prompt runs through the multi-row paths."""
+one sequence at a time: its decode steps have one row, so every projection runs the one-row GEMV; the
+prompt runs through the multi-row paths. On a GPU (``-m gpu``) the same check runs compiled."""
 
 from __future__ import annotations
 
