@@ -86,17 +86,26 @@ def test_mixed_steps_with_churn_match_direct_computation() -> None:
                 s.request.output_token_ids.append(rng.randrange(1000))
 
 
-def test_decode_step_padded_to_a_graph_size() -> None:
-    rng = random.Random(1)
-    builder = InputBuilder(max_num_seqs=8, max_num_tokens=32, max_blocks_per_seq=16, block_size=BS,
-                           device=torch.device("cpu"))
-    requests = [_request(f"d{i}", 5 + 3 * i, 2, rng) for i in range(3)]
+def _builder(max_num_seqs: int = 8, max_blocks_per_seq: int = 16) -> InputBuilder:
+    return InputBuilder(max_num_seqs=max_num_seqs, max_num_tokens=32, max_blocks_per_seq=max_blocks_per_seq,
+                        block_size=BS, device=torch.device("cpu"))
+
+
+def _decode_step(prefix: str, prompt_lens: list[int], outputs: int, block_stride: int,
+                 rng: random.Random) -> tuple[list[Request], tuple[ScheduledRequest, ...]]:
+    """Requests with one token left each (blocks block_stride * i onwards), and their decode step."""
+    requests = [_request(f"{prefix}{i}", n, outputs, rng) for i, n in enumerate(prompt_lens)]
     for i, r in enumerate(requests):
         r.num_computed_tokens = r.num_tokens - 1
-        r.block_ids = list(range(10 * i, 10 * i + -(-r.num_tokens // BS)))
-    scheduled = [ScheduledRequest(r, 1, r.num_computed_tokens, True) for r in requests]
-    got = builder.build(tuple(scheduled), pad_to=8)
-    want = _expected(scheduled)
+        r.block_ids = list(range(block_stride * i, block_stride * i + -(-r.num_tokens // BS)))
+    return requests, tuple(ScheduledRequest(r, 1, r.num_computed_tokens, True) for r in requests)
+
+
+def test_decode_step_padded_to_a_graph_size() -> None:
+    builder = _builder()
+    _, scheduled = _decode_step("d", [5, 8, 11], 2, 10, random.Random(1))
+    got = builder.build(scheduled, pad_to=8)
+    want = _expected(list(scheduled))
     md = got.metadata
     assert got.input_ids.tolist() == want["ids"] + [0] * 5
     assert got.positions.tolist() == want["pos"] + [0] * 5
@@ -111,8 +120,7 @@ def test_decode_step_padded_to_a_graph_size() -> None:
 
 def test_padding_refuses_prompt_chunks() -> None:
     rng = random.Random(2)
-    builder = InputBuilder(max_num_seqs=4, max_num_tokens=32, max_blocks_per_seq=8, block_size=BS,
-                           device=torch.device("cpu"))
+    builder = _builder(max_num_seqs=4, max_blocks_per_seq=8)
     r = _request("p", 6, 0, rng)
     r.block_ids = [0, 1]
     with pytest.raises(ValueError, match="decode-only"):
@@ -121,14 +129,8 @@ def test_padding_refuses_prompt_chunks() -> None:
 
 def test_ahead_build_equals_a_full_build_but_for_the_token_ids() -> None:
     """A step run ahead updates the previous build's rows (new blocks, positions + 1); tokens come later."""
-    rng = random.Random(3)
-    fast = InputBuilder(max_num_seqs=8, max_num_tokens=32, max_blocks_per_seq=16, block_size=BS,
-                        device=torch.device("cpu"))
-    requests = [_request(f"a{i}", 3 + 2 * i, 1, rng) for i in range(5)]
-    for i, r in enumerate(requests):
-        r.num_computed_tokens = r.num_tokens - 1
-        r.block_ids = list(range(12 * i, 12 * i + -(-r.num_tokens // BS)))
-    step = tuple(ScheduledRequest(r, 1, r.num_computed_tokens, True) for r in requests)
+    fast = _builder()
+    requests, step = _decode_step("a", [3, 5, 7, 9, 11], 1, 12, random.Random(3))
     fast.build(step, pad_to=8)
     for r in requests:  # what schedule_ahead does: blocks for one more token; the token itself is unknown
         while len(r.block_ids) * BS < r.num_computed_tokens + 2:
@@ -137,8 +139,7 @@ def test_ahead_build_equals_a_full_build_but_for_the_token_ids() -> None:
     got = fast.build(ahead, pad_to=8, ahead=True)
     for r in requests:
         r.output_token_ids.append(0)  # the placeholder the ahead build writes
-    full = InputBuilder(max_num_seqs=8, max_num_tokens=32, max_blocks_per_seq=16, block_size=BS,
-                        device=torch.device("cpu")).build(ahead, pad_to=8)
+    full = _builder().build(ahead, pad_to=8)
     assert got.graph_inputs is not None and full.graph_inputs is not None
     assert got.graph_inputs.tolist() == full.graph_inputs.tolist()
     assert got.metadata.block_tables.tolist() == full.metadata.block_tables.tolist()
