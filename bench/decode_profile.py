@@ -8,6 +8,11 @@ prints its wall time next to its kernel time: a wall time well above it means th
 Prints the kernels by total CUDA time per step, and the step's sum against the bandwidth floor (the
 bytes the step must read over the copy bandwidth measured in the same run). Eager steps run the same
 kernels a CUDA graph replays; the gaps between them (launch overhead) are what graphs remove.
+
+With programmatic dependent launch kernels overlap (each starts while the one before it finishes), so a
+kernel's own duration overstates its cost. The critical-path table charges each kernel only for how far it
+moved the step's finish line (its end minus the latest end before it); those charges sum to the step's span.
+It also lists the kernels of one middle layer in order.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--prefill", action="store_true")
     ap.add_argument("--graphs", action="store_true", help="decode through CUDA graphs")
+    ap.add_argument("--no-pdl", action="store_true", help="without programmatic dependent launch")
     args = ap.parse_args()
     from engine.engine import init_inference
     from engine.request import SamplingParams
@@ -41,7 +47,7 @@ def main() -> None:
     hf = build_hf(args.shape)
     engine = init_inference(hf, {"dtype": str(SHAPES[args.shape]["dtype"]).removeprefix("torch."),
                                  "kv_cache_memory_fraction": 0.3, "max_num_seqs": max(args.batch, 8),
-                                 "enable_cuda_graph": args.graphs})
+                                 "enable_cuda_graph": args.graphs, "enable_pdl": False if args.no_pdl else None})
     g = torch.Generator().manual_seed(0)
     if args.prefill:
         return profile_prefill(engine, hf, args, bw)
@@ -62,6 +68,8 @@ def main() -> None:
           f"copy {bw / 1e9:.0f} GB/s")
     total = print_kernels(prof, args.steps)
     print(f"kernel time per step {total:.0f} us, floor {floor_us:.0f} us ({total / floor_us:.2f}x)")
+    span = print_critical_path(prof, args.steps, hf.config.num_hidden_layers)
+    print(f"critical path per step {span:.0f} us, floor {floor_us:.0f} us ({span / floor_us:.2f}x)")
 
 
 def profile_prefill(engine: object, hf: object, args: argparse.Namespace, bw: float) -> None:
@@ -98,6 +106,31 @@ def print_kernels(prof: profile, steps: int) -> float:
     for name, (us, calls) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:14]:
         print(f"{us:9.1f} us {us / total:6.1%} {calls:5.0f} calls  {name}")
     return total
+
+
+def print_critical_path(prof: profile, steps: int, layers: int) -> float:
+    """Charges each kernel end_i - max(end_j, j < i) (in start order): what it added to the span. Returns the
+    mean span per step; prints the charges by kernel and one middle layer's kernels in order."""
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name[:60]) for e in prof.events()
+                      if e.device_type == torch.autograd.DeviceType.CUDA and "memcpy" not in e.name.lower())
+    charged: dict[str, float] = defaultdict(float)
+    rows, frontier = [], kernels[0][1] if kernels else 0.0
+    for start, end, name in kernels:
+        advance = max(0.0, end - frontier) if rows else end - start
+        frontier = max(frontier, end)
+        charged[name] += advance / steps
+        rows.append((name, end - start, advance))
+    span = sum(charged.values())
+    print("critical path, us per step (kernel: charge, share)")
+    for name, us in sorted(charged.items(), key=lambda kv: -kv[1])[:10]:
+        print(f"{us:9.1f} us {us / span:6.1%}  {name}")
+    per_step = len(rows) // max(steps, 1)
+    per_layer = max(1, (per_step - 4) // layers)
+    first = per_step * (steps // 2) + per_layer * (layers // 2) + 2  # a middle layer of a middle step, roughly
+    print("one layer (kernel: own duration, charge)")
+    for name, dur, adv in rows[first:first + per_layer]:
+        print(f"  {dur:7.2f} {adv:7.2f}  {name}")
+    return span
 
 
 if __name__ == "__main__":

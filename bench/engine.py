@@ -263,6 +263,7 @@ def main() -> None:
     ap.add_argument("--compile-batches", default="1", help="batches with the transformers static+compile baseline")
     ap.add_argument("--no-compile", action="store_true", help="skip the transformers torch.compile baseline")
     ap.add_argument("--eager", action="store_true", help="our engine without CUDA graphs")
+    ap.add_argument("--no-pdl", action="store_true", help="our engine without programmatic dependent launch")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.new_tokens < 2:
@@ -281,14 +282,17 @@ def main() -> None:
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
                transformers=transformers.__version__, triton=triton_version, shape=args.shape,
                dtype=str(dtype).removeprefix("torch."), prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-               cuda_graph=not args.eager, copy_bytes_per_s=bw, matmul_flops_per_s=rate)
+               cuda_graph=not args.eager, pdl_requested=not args.no_pdl, copy_bytes_per_s=bw, matmul_flops_per_s=rate)
     print(f"{env['gpu']}  torch {env['torch']}  transformers {env['transformers']}  triton {triton_version}  "
           f"{args.shape} {env['dtype']}  copy {bw / 1e9:.0f} GB/s  matmul {rate / 1e12:.0f} TFLOP/s  "
-          f"prompt {args.prompt_len} new {args.new_tokens}  cuda graphs {'off' if args.eager else 'on'}", flush=True)
+          f"prompt {args.prompt_len} new {args.new_tokens}  cuda graphs {'off' if args.eager else 'on'}  "
+          f"pdl {'off' if args.no_pdl else 'auto'}", flush=True)
 
     hf = build_hf(args.shape)
     engine = init_inference(hf, {"dtype": env["dtype"], "enable_cuda_graph": not args.eager,
-                                 "kv_cache_memory_fraction": 0.5, "max_num_seqs": 256})
+                                 "kv_cache_memory_fraction": 0.5, "max_num_seqs": 256,
+                                 "enable_pdl": False if args.no_pdl else None})
+    env["pdl"] = engine.runner.pdl
     split, flops = param_split(hf), prefill_flops(hf, args.prompt_len)
     env.update(weight_bytes_all=split["bytes_all"], weight_bytes_read_per_step=split["bytes_read"],
                prefill_flops_per_prompt=flops, step_timings=getattr(engine, "step_timings", None) is not None)

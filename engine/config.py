@@ -155,6 +155,9 @@ class EngineConfig(_Frozen):
         default=None, validation_alias="kernel_inject"
     )
     enable_cuda_graph: bool = False
+    # programmatic dependent launch of the injected Triton kernels (each starts while the one before it
+    # finishes); None: on where they run on a GPU that has it (compute capability 9.0+, Hopper)
+    enable_pdl: bool | None = None
     # queue the next decode step before reading this one's tokens (the CPU's step work hides behind the
     # GPU's); None: on where the engine runs on CUDA
     async_scheduling: bool | None = None
@@ -235,6 +238,15 @@ class EngineConfig(_Frozen):
         if self.replace_with_kernel_inject is None:
             return device_type == "cuda"
         return self.replace_with_kernel_inject
+
+    def use_pdl(self, device_type: str, compute_capability: tuple[int, int] | None) -> bool:
+        """`enable_pdl` if set (an error where it cannot run), else on with the kernels on a 9.0+ GPU."""
+        can = self.use_kernels(device_type) and compute_capability is not None and compute_capability >= (9, 0)
+        if self.enable_pdl and not can:
+            raise ValueError("enable_pdl needs the injected kernels on a CUDA GPU of compute capability 9.0+ "
+                             f"(device {device_type}, capability {compute_capability}, "
+                             f"kernels {'on' if self.use_kernels(device_type) else 'off'})")
+        return can if self.enable_pdl is None else self.enable_pdl
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> EngineConfig:

@@ -55,7 +55,11 @@ class ModelRunner:
         ckpt_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
         self.dtype = torch_dtype(config.resolve_dtype(self.device.type, _dtype_name(ckpt_dtype)))
         backend = "triton" if config.use_kernels(self.device.type) else "torch"
+        capability = torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else None
+        self.pdl = config.use_pdl(self.device.type, capability)
         self.model = self._build(hf_config, backend, weights)
+        log.info("model_built", ops=backend, pdl=self.pdl, dtype=str(self.dtype).removeprefix("torch."),
+                 device=str(self.device))
         self.vocab_size = hf_config.vocab_size
         self.sampler = Sampler(config.seed)
         self.last_device_wait_s = 0.0  # how long the last PendingStep.wait() waited for the device (its one sync)
@@ -75,7 +79,7 @@ class ModelRunner:
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                model = build_model(hf_config, get_ops(backend))  # type: ignore[arg-type]
+                model = build_model(hf_config, get_ops(backend, pdl=self.pdl))  # type: ignore[arg-type]
         finally:
             torch.set_default_dtype(previous)
         model.load_weights(weights if weights is not None else iter_weights(self.config.model))
@@ -184,7 +188,21 @@ class ModelRunner:
         else:  # a token's output index (its seed's noise) is its position past the prompt, known ahead of time
             batch = make_sampling_batch(params, [s.start + s.num_new_tokens - len(s.request.prompt_token_ids)
                                                  for s in rows], self.device)
-        return PendingStep(self, sched, len(rows), self.sampler(logits, batch), logits, bucket is not None)
+        sampled = self.sampler(logits, batch)
+        return PendingStep(self, sched, len(rows), sampled, logits, bucket is not None, *_copy_to_host(sampled))
+
+
+def _copy_to_host(sampled: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """The tokens' copy into pinned host memory, queued behind the step, and an event recorded after it.
+    Waiting on that event, not on the stream, lets a step queued ahead keep the device busy meanwhile
+    (``tensor.tolist()`` would synchronise the stream, the step queued after this one included)."""
+    if sampled.device.type != "cuda":
+        return sampled, None
+    host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
+    host.copy_(sampled, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 @dataclass
@@ -194,13 +212,18 @@ class PendingStep:
     runner: ModelRunner
     scheduled: tuple[ScheduledRequest, ...]
     num_sampled: int
-    sampled: torch.Tensor  # [num_sampled] int64, on the device
+    sampled: torch.Tensor  # [num_sampled] int64, on the device: the next step's input ids
     logits: torch.Tensor
     cuda_graph: bool
+    host_tokens: torch.Tensor  # sampled, or on CUDA its pinned host copy (valid once ``ready`` has passed)
+    ready: torch.cuda.Event | None
 
     def wait(self) -> ModelOutput:
+        """Blocks until this step's tokens are on the host; steps queued after it keep running."""
         start = time.perf_counter()
-        tokens = self.sampled.tolist()
+        if self.ready is not None:
+            self.ready.synchronize()
+        tokens = self.host_tokens.tolist()
         self.runner.last_device_wait_s = time.perf_counter() - start
         if self.num_sampled == len(self.scheduled):
             return ModelOutput(tokens, self.logits, self.cuda_graph)

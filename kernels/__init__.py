@@ -3,6 +3,8 @@
 ``get_ops("torch")`` returns the references (the test oracle, and the CPU path);
 ``get_ops("triton")`` returns the fused Triton kernel of each op that has one and the reference
 for the rest, so kernels can land one at a time. ``replace_with_kernel_inject`` picks the backend.
+``get_ops("triton", pdl=True)`` launches every Triton kernel with programmatic dependent launch (Hopper+:
+each kernel starts while the one before it finishes; see ``kernels.rms_norm.wait_for_producers``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Literal
 
 from kernels import activation, gemv, kv_write, layer_norm, rms_norm, rotary
@@ -81,11 +84,15 @@ if importlib.util.find_spec("triton") is not None:
     )
 
 
-def get_ops(backend: Backend) -> Ops:
+def get_ops(backend: Backend, *, pdl: bool = False) -> Ops:
+    """The ops of ``backend``; ``pdl`` (triton only) passes ``pdl=True`` to every Triton kernel's launcher."""
     if backend == "torch":
+        if pdl:
+            raise ValueError("pdl applies to the 'triton' backend's kernels, not to the torch references")
         return TORCH_OPS
     if backend == "triton":
-        return replace(TORCH_OPS, **_TRITON_KERNELS)
+        kernels = {name: partial(fn, pdl=True) for name, fn in _TRITON_KERNELS.items()} if pdl else _TRITON_KERNELS
+        return replace(TORCH_OPS, **kernels)
     raise ValueError(f"unknown ops backend {backend!r}; expected 'torch' or 'triton'")
 
 

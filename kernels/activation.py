@@ -14,7 +14,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels.rms_norm import cdiv, jit_at_launch, next_power_of_2, tile_elements, warps_for
+from kernels.rms_norm import (
+    cdiv,
+    jit_at_launch,
+    next_power_of_2,
+    pdl_meta,
+    tile_elements,
+    wait_for_producers,
+    warps_for,
+)
 
 tl: Any = None  # triton.language, bound at the first launch by jit_at_launch
 
@@ -35,7 +43,8 @@ def gelu_ref(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
 
 @jit_at_launch
 def _silu_and_mul_kernel(x_ptr, y_ptr, n_rows, n_cols, stride_x, stride_y,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    wait_for_producers(PDL)
     rows = (tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
     cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
     mask = (rows < n_rows) & (cols < n_cols)
@@ -44,8 +53,9 @@ def _silu_and_mul_kernel(x_ptr, y_ptr, n_rows, n_cols, stride_x, stride_y,
     tl.store(y_ptr + rows * stride_y + cols, (gate * tl.sigmoid(gate) * up).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """Triton launcher with ``silu_and_mul_ref``'s contract: x [..., 2I] -> [..., I], x's dtype."""
+def silu_and_mul(x: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
+    """Triton launcher with ``silu_and_mul_ref``'s contract: x [..., 2I] -> [..., I], x's dtype.
+    ``pdl``: launch with programmatic dependent launch (``kernels.rms_norm.wait_for_producers``)."""
     n = x.shape[-1] // 2
     x2 = x.reshape(-1, 2 * n)
     if x2.stride(-1) != 1:
@@ -58,7 +68,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if y2.numel() > 0:
         _silu_and_mul_kernel[(cdiv(x2.shape[0], block_m), cdiv(n, block_n))](
             x2, y2, x2.shape[0], n, x2.stride(0), y2.stride(0),
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps_for(TILE),
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps_for(TILE), **pdl_meta(pdl, x.device),
         )
     return y
 
@@ -72,7 +82,8 @@ def _tanh(z):
 
 
 @jit_at_launch
-def _gelu_kernel(x_ptr, y_ptr, n, TANH: tl.constexpr, BLOCK: tl.constexpr):  # TANH: the formula, fixed per launch
+def _gelu_kernel(x_ptr, y_ptr, n, TANH: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):  # TANH: the formula
+    wait_for_producers(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -83,13 +94,14 @@ def _gelu_kernel(x_ptr, y_ptr, n, TANH: tl.constexpr, BLOCK: tl.constexpr):  # T
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def gelu(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
-    """Triton launcher with ``gelu_ref``'s contract: same shape and dtype as x."""
+def gelu(x: torch.Tensor, approximate: str = "tanh", *, pdl: bool = False) -> torch.Tensor:
+    """Triton launcher with ``gelu_ref``'s contract: same shape and dtype as x; ``pdl`` as in ``silu_and_mul``."""
     if approximate not in GELU_MODES:
         raise ValueError(f"approximate must be one of {GELU_MODES}, got {approximate!r}")
     xc = x.contiguous()
     y, n = torch.empty_like(xc), xc.numel()
     block = tile_elements(TILE, x.device)
     if n > 0:
-        _gelu_kernel[(cdiv(n, block),)](xc, y, n, TANH=approximate == "tanh", BLOCK=block, num_warps=warps_for(TILE))
+        _gelu_kernel[(cdiv(n, block),)](xc, y, n, TANH=approximate == "tanh", BLOCK=block, num_warps=warps_for(TILE),
+                                         **pdl_meta(pdl, x.device))
     return y

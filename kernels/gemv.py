@@ -8,6 +8,9 @@ Bias is added in float32 and the result rounded once, as cuBLAS's epilogue does;
 is the reference. Measured with cold weights on an H100 (bench/skinny_linear.py), 2 x 2048 tiles beat
 cuBLAS on 14 of the 15 Llama-3-8B/1B and GPT-2 XL projections (8B o_proj 14.3 vs 16.4 us, lm_head 345 vs
 371 us; GPT-2's fc 11.3 vs 10.5 us is the exception) and need no split-K reduce kernel.
+
+With programmatic dependent launch (``pdl``) a program loads its first K slice of the weights before it waits
+for the kernel that writes x: the weights stream in while the norm or attention before it finishes.
 """
 
 from __future__ import annotations
@@ -17,19 +20,24 @@ from typing import Any
 import torch
 
 from kernels.linear import linear_ref
-from kernels.rms_norm import cdiv, jit_at_launch, next_power_of_2
+from kernels.rms_norm import cdiv, jit_at_launch, next_power_of_2, pdl_meta, wait_for_producers
 
 tl: Any = None  # triton.language, bound at the first launch by jit_at_launch
 
 
 @jit_at_launch
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, n_out, n_in, stride_w,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_out
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k in range(0, n_in, BLOCK_K):
+    cols = tl.arange(0, BLOCK_K)
+    col_ok = cols < n_in
+    wv = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # weights only: no wait
+    wait_for_producers(PDL)
+    xv = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    acc = wv.to(tl.float32) * xv[None, :]
+    for k in range(BLOCK_K, n_in, BLOCK_K):
         cols = k + tl.arange(0, BLOCK_K)
         col_ok = cols < n_in
         xv = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -41,16 +49,18 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, n_out, n_in, stride_w,
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           pdl: bool = False) -> torch.Tensor:
     """The models' linear under kernel injection: one row (batch-1 decode) by ``gemv``, more by cuBLAS."""
     if x.dim() == 2 and x.shape[0] == 1:
-        return gemv(x, weight, bias)
+        return gemv(x, weight, bias, pdl=pdl)
     return linear_ref(x, weight, bias)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-         block_n: int = 2, block_k: int | None = None, num_warps: int = 4) -> torch.Tensor:
-    """``linear_ref``'s contract for one row: x [1, in], weight [out, in] (rows contiguous) -> [1, out]."""
+         block_n: int = 2, block_k: int | None = None, num_warps: int = 4, pdl: bool = False) -> torch.Tensor:
+    """``linear_ref``'s contract for one row: x [1, in], weight [out, in] (rows contiguous) -> [1, out].
+    ``pdl``: launch with programmatic dependent launch (``kernels.rms_norm.wait_for_producers``)."""
     if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"gemv takes x [1, {weight.shape[1]}], got {list(x.shape)}")
     if weight.stride(1) != 1:
@@ -63,6 +73,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     y = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
     _gemv_kernel[(cdiv(n_out, block_n),)](
         x, weight, bias if bias is not None else weight, y, n_out, n_in, weight.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, **pdl_meta(pdl, x.device),
     )
     return y

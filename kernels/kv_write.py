@@ -13,7 +13,15 @@ from typing import Any
 
 import torch
 
-from kernels.rms_norm import cdiv, jit_at_launch, next_power_of_2, tile_elements, warps_for
+from kernels.rms_norm import (
+    cdiv,
+    jit_at_launch,
+    next_power_of_2,
+    pdl_meta,
+    tile_elements,
+    wait_for_producers,
+    warps_for,
+)
 
 tl: Any = None  # triton.language, bound at the first launch by jit_at_launch
 TILE = 2048  # elements per program on a GPU
@@ -65,8 +73,9 @@ def _kv_write_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcb, stride_kco, stride_kch, stride_vcb, stride_vco, stride_vch,
     N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,  # fixed per model: static head loops, no recompiles
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_producers(PDL)
     tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     slot, keep = load_slots(slot_ptr, tok, tok < n_tokens)
     blk, off = slot // block_size, slot % block_size
@@ -82,8 +91,11 @@ def kv_write(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    *,
+    pdl: bool = False,
 ) -> None:
-    """Triton launcher with ``kv_write_ref``'s contract; k and v may be strided views (e.g. of a fused qkv)."""
+    """Triton launcher with ``kv_write_ref``'s contract; k and v may be strided views (e.g. of a fused qkv).
+    ``pdl``: launch with programmatic dependent launch (``kernels.rms_norm.wait_for_producers``)."""
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
     check_kv_cache(k, k_cache, v_cache)
@@ -96,7 +108,7 @@ def kv_write(
             k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            N_HEADS=n_heads, HEAD_DIM=head_dim, **tile, num_warps=warps_for(TILE),
+            N_HEADS=n_heads, HEAD_DIM=head_dim, **tile, num_warps=warps_for(TILE), **pdl_meta(pdl, k.device),
         )
 
 

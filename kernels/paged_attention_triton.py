@@ -141,8 +141,14 @@ def _query_tile(out, part_acc, part_ml, counter, q, k_base, v_base, table_row, q
                 GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                 BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr, TOKENS: tl.constexpr, BLOCK_N: tl.constexpr,
                 NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, MERGE_CHUNK: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Attention of query tokens [first_q, first_q + TOKENS) of one sequence, all GROUP heads of kv_head."""
+    if PDL:
+        # launched early (kernels.rms_norm.wait_for_producers, inlined: this file jits at import). The sequence
+        # lookup above read only step metadata, which the host wrote before the step; q and the new K/V come
+        # from the kernel just before, so the wait precedes every other load.
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     rows = tl.arange(0, ROWS)
     dims = tl.arange(0, HEAD_DIM_PAD)
     q_pos = first_q + rows // GROUP
@@ -205,7 +211,7 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, SMALL_M: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, MERGE_CHUNK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     # kv heads vary fastest and the last query tiles (the longest causal rows of a chunk) start first,
     # so the work left for the last wave is short
@@ -229,12 +235,13 @@ def _paged_attention_kernel(
                     kv_head, split, qk_scale, num_q_heads, stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_kb, stride_ks, stride_vb, stride_vs, GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD,
                     BLOCK_SIZE, SMALL_M, SMALL_M // GROUP, BLOCK_N, NUM_SPLITS, MIN_SPLIT_TILES, MERGE_CHUNK,
-                    DOT_PRECISION)
+                    DOT_PRECISION, PDL)
     else:
         _query_tile(out, part_acc, part_ml, counter, q, k_base, v_base, table_row, q_start, q_len, first_q, context_len,
                     kv_head, split, qk_scale, num_q_heads, stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_kb, stride_ks, stride_vb, stride_vs, GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD,
-                    BLOCK_SIZE, BLOCK_M, BLOCK_Q, BLOCK_N, NUM_SPLITS, MIN_SPLIT_TILES, MERGE_CHUNK, DOT_PRECISION)
+                    BLOCK_SIZE, BLOCK_M, BLOCK_Q, BLOCK_N, NUM_SPLITS, MIN_SPLIT_TILES, MERGE_CHUNK, DOT_PRECISION,
+                    PDL)
 
 
 @dataclass(frozen=True)
@@ -300,11 +307,13 @@ def paged_attention(
     *,
     num_kv_splits: int | None = None,
     config: TileConfig | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """``paged_attention_ref`` as one launch (split-KV too); returns a new [T, Hq, D] tensor.
 
     max_query_len / max_seq_len (python ints) pick the tile shape and the split count; when None they are
-    read from the device (a sync). num_kv_splits (a power of two) and config override the choices.
+    read from the device (a sync). num_kv_splits (a power of two) and config override the choices. ``pdl``:
+    launch with programmatic dependent launch (``kernels.rms_norm.wait_for_producers``).
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs, num_kv_heads = seq_lens.shape[0], k_cache.shape[2]
@@ -321,10 +330,15 @@ def paged_attention(
     if splits & (splits - 1) or num_q_heads % num_kv_heads or query_start_loc.shape[0] != num_seqs + 1:
         raise ValueError(f"need num_kv_splits={splits} a power of two, Hq={num_q_heads} a multiple of "
                          f"Hkv={num_kv_heads}, query_start_loc of {num_seqs} + 1 entries")
+    given = (q, k_cache, v_cache, block_tables, query_start_loc, seq_lens)
     q, k_cache, v_cache, block_tables = (t if t.stride(-1) == 1 else t.contiguous()
                                          for t in (q, k_cache, v_cache, block_tables))
-    return _launch(q, k_cache, v_cache, block_tables, query_start_loc.to(torch.int32), seq_lens.to(torch.int32),
-                   scale, cfg, splits)
+    query_start_loc, seq_lens = query_start_loc.to(torch.int32), seq_lens.to(torch.int32)
+    # with PDL the metadata is read before the wait: not if a copy just made above wrote it
+    used_as_given = all(a is b for a, b in zip(given, (q, k_cache, v_cache, block_tables, query_start_loc, seq_lens),
+                                               strict=True))
+    return _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, cfg, splits,
+                   pdl and q.is_cuda and used_as_given)
 
 
 # per device, the split-KV arrival counters: zero between launches, since the last split program of each tile
@@ -346,7 +360,7 @@ def _split_counters(device: torch.device, n: int) -> torch.Tensor:
 
 def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
             query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float, cfg: TileConfig,
-            splits: int) -> torch.Tensor:
+            splits: int, pdl: bool) -> torch.Tensor:
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs, num_kv_heads = seq_lens.shape[0], k_cache.shape[2]
     group, d_pad = num_q_heads // num_kv_heads, triton.next_power_of_2(head_dim)
@@ -369,6 +383,6 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block
         MIN_SPLIT_TILES=max(1, MIN_KEYS_PER_ACTIVE_SPLIT // cfg.block_n),
         MERGE_CHUNK=min(splits, max(1, MERGE_ELEMS // (group_pad * d_pad))),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, PDL=pdl, **({"launch_pdl": True} if pdl else {}),
     )
     return out

@@ -4,7 +4,7 @@
     y = w * round(s / sqrt(mean(s^2) + eps))    statistics in float32, rounded to s's dtype before w
 
 A program normalises BLOCK_M whole rows held in registers (rows_launch). This file also holds the
-launch helpers the other kernel files share (jit_at_launch, tile sizes).
+launch helpers the other kernel files share (jit_at_launch, tile sizes, programmatic dependent launch).
 
 ``rms_norm`` (Triton) and ``rms_norm_ref`` (torch) share signature and side effects: with
 ``residual`` both update it in place and return ``(y, residual)``.
@@ -50,6 +50,23 @@ class jit_at_launch:  # noqa: N801  (a decorator, named like triton.jit)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError(f"{self.fn.__name__} is a Triton function: call it inside a kernel, or launch it")
+
+
+@jit_at_launch
+def wait_for_producers(PDL: tl.constexpr):
+    """Programmatic dependent launch (Hopper+): a kernel launched with ``launch_pdl`` may start while the kernel
+    before it still runs. It waits here until every earlier kernel has finished and its writes are visible, then
+    lets the next kernel launch, whose programs start up (and load their weights) while this one works. Before
+    this call a kernel may read only what no kernel writes (weights), and store nothing."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+def pdl_meta(pdl: bool, device: torch.device) -> dict[str, bool]:
+    """A launch's PDL constexpr and Triton's ``launch_pdl``: on only for CUDA (the interpreter has neither)."""
+    on = pdl and device.type == "cuda"
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
 def tile_elements(elements: int, device: torch.device) -> int:
@@ -104,23 +121,25 @@ def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, y_ptr,
     n_rows, n_cols, stride_x, stride_res, stride_y, eps,
     HAS_RESIDUAL: tl.constexpr,  # the plain norm moves half the bytes: no dead residual loads or stores
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
     rows = (tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
     cols = tl.arange(0, BLOCK_N)[None, :]
     mask = (rows < n_rows) & (cols < n_cols)
+    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    wait_for_producers(PDL)
     x = load_with_residual(x_ptr, res_ptr, rows, cols, mask, stride_x, stride_res, HAS_RESIDUAL)
     h = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(h * h, axis=1) / n_cols + eps)[:, None]
     normed = (h * rstd).to(x.dtype).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows * stride_y + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, *, pdl: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Triton launcher with ``rms_norm_ref``'s contract; x, residual: [..., hidden]; weight: [hidden]."""
+    """Triton launcher with ``rms_norm_ref``'s contract; x, residual: [..., hidden]; weight: [hidden].
+    ``pdl``: launch with programmatic dependent launch (``wait_for_producers``)."""
     x2 = as_rows(x)
     r2 = as_rows(residual) if residual is not None else x2  # x2: a placeholder the kernel never reads
     out_dtype = torch.promote_types(x.dtype if residual is None else residual.dtype, weight.dtype)
@@ -130,7 +149,7 @@ def rms_norm(
     if x2.numel() > 0:
         _rms_norm_kernel[launch.grid](
             x2, r2, weight, y2, x2.shape[0], x2.shape[1], x2.stride(0), r2.stride(0), y2.stride(0), eps,
-            HAS_RESIDUAL=residual is not None, **launch.meta,
+            HAS_RESIDUAL=residual is not None, **launch.meta, **pdl_meta(pdl, x.device),
         )
     return y if residual is None else (y, write_back(r2, residual))
 

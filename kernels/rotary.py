@@ -18,7 +18,15 @@ from typing import Any
 import torch
 
 from kernels.kv_write import check_kv_cache, copy_heads, kv_write_ref, load_slots
-from kernels.rms_norm import cdiv, jit_at_launch, next_power_of_2, tile_elements, warps_for
+from kernels.rms_norm import (
+    cdiv,
+    jit_at_launch,
+    next_power_of_2,
+    pdl_meta,
+    tile_elements,
+    wait_for_producers,
+    warps_for,
+)
 
 tl: Any = None  # triton.language, bound at the first launch by jit_at_launch
 TILE = 2048  # elements per half-head tile of a program on a GPU
@@ -108,8 +116,9 @@ def _rotary_kernel(
     N_Q_HEADS: tl.constexpr, N_K_HEADS: tl.constexpr,  # fixed per model: static head loops, no recompiles
     HALF: tl.constexpr, N_PASS: tl.constexpr,  # rot_dim / 2 and head_dim - rot_dim fix the tile shapes
     BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    BLOCK_PASS: tl.constexpr,
+    BLOCK_PASS: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_producers(PDL)
     tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     ok = tok < n_tokens
     cos, sin = _cos_sin(pos_ptr, cs_ptr, tok, ok, HALF, BLOCK_HALF)
@@ -120,9 +129,10 @@ def _rotary_kernel(
 
 
 def rotary(
-    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, *, pdl: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton launcher with ``rotary_ref``'s contract: new contiguous (q, k); q, k may be strided views."""
+    """Triton launcher with ``rotary_ref``'s contract: new contiguous (q, k); q, k may be strided views.
+    ``pdl``: launch with programmatic dependent launch (``kernels.rms_norm.wait_for_producers``)."""
     q, k = _unit_last_stride(q), _unit_last_stride(k)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -133,7 +143,7 @@ def rotary(
             q.shape[0],
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
-            **meta,
+            **meta, **pdl_meta(pdl, q.device),
         )
     return q_out, k_out
 
@@ -147,8 +157,9 @@ def _rotary_kv_write_kernel(
     N_Q_HEADS: tl.constexpr, N_K_HEADS: tl.constexpr,  # fixed per model: static head loops, no recompiles
     HALF: tl.constexpr, N_PASS: tl.constexpr,  # rot_dim / 2 and head_dim - rot_dim fix the tile shapes
     BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    BLOCK_PASS: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_PASS: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_producers(PDL)
     tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     ok = tok < n_tokens
     cos, sin = _cos_sin(pos_ptr, cs_ptr, tok, ok, HALF, BLOCK_HALF)
@@ -171,8 +182,11 @@ def rotary_kv_write(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    *,
+    pdl: bool = False,
 ) -> torch.Tensor:
-    """Triton launcher with ``rotary_kv_write_ref``'s contract; the rotated k never exists outside the cache."""
+    """Triton launcher with ``rotary_kv_write_ref``'s contract; the rotated k never exists outside the cache.
+    ``pdl`` as in ``rotary``."""
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     check_kv_cache(k, k_cache, v_cache)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -185,7 +199,7 @@ def rotary_kv_write(
             q_out.stride(0), q_out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            BLOCK_D=next_power_of_2(q.shape[2]), **meta,
+            BLOCK_D=next_power_of_2(q.shape[2]), **meta, **pdl_meta(pdl, q.device),
         )
     return q_out
 

@@ -1,6 +1,7 @@
 """The engine with every Triton kernel injected (interpreter on CPU) generates transformers' greedy tokens,
 one sequence at a time: its decode steps have one row, so every projection runs the one-row GEMV; the
-prompt runs through the multi-row paths. On a GPU (``-m gpu``) the same check runs compiled."""
+prompt runs through the multi-row paths. On a GPU (``-m gpu``) the same check runs compiled, with and without
+programmatic dependent launch (Hopper+)."""
 
 from __future__ import annotations
 
@@ -17,17 +18,24 @@ from engine.request import SamplingParams
 NEW = 6
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize(("device", "pdl"), [
+    ("cpu", None),
+    pytest.param("cuda", False, marks=pytest.mark.gpu, id="cuda-serial"),
+    pytest.param("cuda", True, marks=pytest.mark.gpu, id="cuda-pdl"),
+])
 @pytest.mark.parametrize(("family", "overrides"), [
     ("llama", {}),
     ("gpt2", {}),  # LayerNorm + GELU, biases everywhere
 ])
 def test_one_sequence_with_kernels_matches_transformers(
-    family: str, overrides: dict, device: str, make_checkpoint: Any
+    family: str, overrides: dict, device: str, pdl: bool | None, make_checkpoint: Any
 ) -> None:
+    if pdl and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
     model_dir = make_checkpoint(family, **overrides)
     eng = Engine(EngineConfig(model=str(model_dir), dtype="float32", device=device, block_size=16, num_kv_blocks=16,
-                              max_num_seqs=2, replace_with_kernel_inject=True))
+                              max_num_seqs=2, replace_with_kernel_inject=True, enable_pdl=pdl))
+    assert eng.runner.pdl is bool(pdl)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     prompt = torch.randint(1, 500, (11,), generator=torch.Generator().manual_seed(3)).tolist()
     [out] = eng.generate([prompt], SamplingParams(max_new_tokens=NEW, ignore_eos=True))

@@ -92,3 +92,19 @@ def test_request_ending_by_stop_token_while_the_next_step_runs(llama: Path) -> N
     assert any(t.ahead for t in eng.step_timings)
     assert eng.generate([[9, 8, 7, 6, 5]], SamplingParams(max_new_tokens=16, ignore_eos=True))[0].token_ids == full
     assert eng.scheduler.block_manager.num_used_blocks == 0
+
+
+@pytest.mark.gpu
+def test_reading_a_steps_tokens_leaves_the_work_queued_after_it_running() -> None:
+    """PendingStep.wait() waits for its own step only: a step queued ahead keeps the GPU busy meanwhile."""
+    from types import SimpleNamespace
+
+    from engine.model_runner import PendingStep, _copy_to_host
+
+    sampled = torch.arange(5, device="cuda")
+    host, ready = _copy_to_host(sampled)
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU work queued behind the step (a step run ahead)
+    step = PendingStep(SimpleNamespace(), (), 0, sampled, sampled, True, host, ready)  # type: ignore[arg-type]
+    assert step.wait().sampled_token_ids == [0, 1, 2, 3, 4]
+    assert not torch.cuda.current_stream().query(), "wait() synchronised the whole stream"
+    torch.cuda.synchronize()

@@ -33,6 +33,7 @@ def test_defaults() -> None:
     assert cfg.tp_size == 1 and cfg.tensor_parallel.enabled
     assert cfg.replace_with_kernel_inject is None
     assert cfg.enable_cuda_graph is False
+    assert cfg.enable_pdl is None
     assert cfg.quant == QuantConfig()
     assert not cfg.quant.enabled and cfg.quant.bits == 8 and cfg.quant.symmetric
     assert cfg.quant.granularity == "per_channel" and cfg.quant.group_size == 128
@@ -395,6 +396,35 @@ def test_use_kernels(inject: bool | None, device_type: str, expected: bool) -> N
 def test_use_kernels_unknown_device_refused() -> None:
     with pytest.raises(ValueError, match="device_type"):
         EngineConfig().use_kernels("mps")
+
+
+HOPPER, AMPERE = (9, 0), (8, 0)
+
+
+@pytest.mark.parametrize(
+    ("pdl", "inject", "device_type", "capability", "expected"),
+    [
+        (None, None, "cuda", HOPPER, True),
+        (None, None, "cuda", (10, 0), True),
+        (None, None, "cuda", AMPERE, False),
+        (None, False, "cuda", HOPPER, False),  # no Triton kernels: nothing to launch early
+        (None, True, "cpu", None, False),
+        (False, None, "cuda", HOPPER, False),
+        (True, None, "cuda", HOPPER, True),
+    ],
+)
+def test_use_pdl(pdl: bool | None, inject: bool | None, device_type: str, capability: tuple[int, int] | None,
+                 expected: bool) -> None:
+    assert _cfg(enable_pdl=pdl, replace_with_kernel_inject=inject).use_pdl(device_type, capability) is expected
+
+
+@pytest.mark.parametrize(
+    ("inject", "device_type", "capability"), [(None, "cuda", AMPERE), (False, "cuda", HOPPER), (True, "cpu", None)]
+)
+def test_pdl_asked_for_where_it_cannot_run_refused(inject: bool | None, device_type: str,
+                                                   capability: tuple[int, int] | None) -> None:
+    with pytest.raises(ValueError, match="enable_pdl needs the injected kernels"):
+        _cfg(enable_pdl=True, replace_with_kernel_inject=inject).use_pdl(device_type, capability)
 
 
 def test_torch_dtype() -> None:
