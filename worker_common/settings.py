@@ -18,7 +18,7 @@ __all__ = ["ENGINE_SETTINGS", "SettingsError", "WorkerSettings", "parse_worker_a
 ENGINE_SETTINGS = (
     "dtype", "device", "block_size", "num_kv_blocks", "max_num_batched_tokens", "max_num_seqs", "prefill_chunk_size",
     "max_out_tokens", "seed", "cpu_kv_cache_gib", "kv_cache_memory_fraction", "replace_with_kernel_inject",
-    "enable_cuda_graph", "async_scheduling",
+    "enable_cuda_graph", "enable_pdl", "async_scheduling",
 )
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
@@ -60,6 +60,8 @@ class WorkerSettings(ProcessSettings):
     replace_with_kernel_inject: bool | None = Field(
         None, description="fused Triton kernels; none = on for CUDA, off for CPU")
     enable_cuda_graph: bool = Field(False, description="CUDA graphs for decode steps (needs CUDA)")
+    enable_pdl: bool | None = Field(
+        None, description="programmatic dependent launch of the kernels; none = on for compute capability 9.0+")
     async_scheduling: bool | None = Field(
         None, description="queue the next decode step before reading this one's tokens; none = on for CUDA")
 

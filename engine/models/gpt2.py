@@ -21,7 +21,8 @@ from engine.parallel import (
 )
 from kernels import Ops
 
-_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
+# transformers' activation_function -> ours (kernels.activation.ACTIVATIONS)
+_GELU = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
 
 
 class GPT2Attention(nn.Module):
@@ -46,11 +47,10 @@ class GPT2MLP(nn.Module):
         inner = cfg.n_inner or 4 * cfg.hidden_size
         self.c_fc = ColumnParallelLinear(cfg.hidden_size, [inner], True, ops)
         self.c_proj = RowParallelLinear(inner, cfg.hidden_size, True, ops)
-        self.approximate = _GELU[cfg.activation_function]
-        self.ops = ops
+        self.act = _GELU[cfg.activation_function]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.ops.gelu(self.c_fc(x), self.approximate))
+        return self.c_proj(self.c_fc(x), act=self.act)
 
 
 class GPT2Block(nn.Module):

@@ -90,11 +90,13 @@ def test_the_launchers_flags_still_parse() -> None:
     """LocalCluster turns {"num_kv_blocks": 256} into --num-kv-blocks 256, and True into "True"."""
     argv = ["--model", "/m", "--redis-url", "redis://h:1/0", "--prefix", "p", "--host", "127.0.0.1", "--port", "0",
             "--kv-port", "0", "--worker-id", "decode-0", "--log-format", "json", "--num-kv-blocks", "256",
-            "--kv-cache-memory-fraction", "0.225", "--dtype", "float32", "--enable-cuda-graph", "True"]
+            "--kv-cache-memory-fraction", "0.225", "--dtype", "float32", "--enable-cuda-graph", "True",
+            "--enable-pdl", "False"]
     settings = parse_worker_args("decode", argv)
     assert settings.resolved_worker_id("decode") == "decode-0" and settings.log_format == "json"
     assert (settings.engine.num_kv_blocks, settings.engine.kv_cache_memory_fraction) == (256, 0.225)
     assert settings.engine.dtype == "float32" and settings.engine.enable_cuda_graph is True
+    assert settings.engine.enable_pdl is False
     assert parse_worker_args("decode", ["--model", "/m", "--replace-with-kernel-inject"]).engine.use_kernels("cpu")
 
 
