@@ -110,17 +110,11 @@ class RowParallelLinear(nn.Module):
         start = tp_group().rank * self.in_per_rank
         param.data.copy_(loaded.narrow(1, start, self.in_per_rank))
 
-    def forward(self, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
-        """``act``: an activation (kernels.activation.ACTIVATIONS) to apply to x first, fused where it can be
-        (the activation is per element of this rank's input slice, so TP does not change it)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         tp = tp_group()
-        if act is not None:
-            linear = lambda x, w, b: self.ops.act_linear(x, w, b, act)  # noqa: E731
-        else:
-            linear = self.ops.linear
         if tp.size == 1:  # the bias rides in the matmul's epilogue: no separate add kernel
-            return linear(x, self.weight, self.bias)
-        y = tp.all_reduce(linear(x, self.weight, None))  # the bias once, after the sum
+            return self.ops.linear(x, self.weight, self.bias)
+        y = tp.all_reduce(self.ops.linear(x, self.weight, None))  # the bias once, after the sum
         return y + self.bias if self.bias is not None else y
 
 

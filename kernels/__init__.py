@@ -19,7 +19,7 @@ from kernels import activation, gemv, kv_write, layer_norm, rms_norm, rotary
 from kernels.activation import gelu_ref, silu_and_mul_ref
 from kernels.kv_write import kv_write_ref
 from kernels.layer_norm import layer_norm_ref
-from kernels.linear import act_linear_ref, linear_ref
+from kernels.linear import linear_ref
 from kernels.paged_attention import paged_attention_ref
 from kernels.rms_norm import rms_norm_ref
 from kernels.rotary import rotary_kv_write_ref, rotary_ref
@@ -40,7 +40,6 @@ class Ops:
     silu_and_mul: Callable
     gelu: Callable
     linear: Callable
-    act_linear: Callable  # linear(activation(x)): an MLP's second product
 
 
 TORCH_OPS = Ops(
@@ -53,7 +52,6 @@ TORCH_OPS = Ops(
     silu_and_mul=silu_and_mul_ref,
     gelu=gelu_ref,
     linear=linear_ref,
-    act_linear=act_linear_ref,
 )
 
 # Ops that have a fused Triton kernel; the rest fall back to the reference.
@@ -83,7 +81,6 @@ if importlib.util.find_spec("triton") is not None:
         silu_and_mul=activation.silu_and_mul,
         gelu=activation.gelu,
         linear=gemv.linear,  # one-row products by the GEMV kernel, the rest by cuBLAS
-        act_linear=gemv.act_linear,  # one row: the activation inside the GEMV
     )
 
 

@@ -4,8 +4,7 @@
     gelu(x, "tanh") = x/2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))
     gelu(x, "none") = x/2 * (1 + erf(x / sqrt(2)))
 
-Kernels compute in float32 and round once to the input dtype. ``activation(x, act)`` names them for the
-fused one-row GEMV (kernels.gemv.act_linear), which applies the same math to its input as it loads it.
+Kernels compute in float32 and round once to the input dtype.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ tl: Any = None  # triton.language, bound at the first launch by jit_at_launch
 
 TILE = 2048  # elements per program on a GPU: 16 per thread at 4 warps (two 16-byte accesses for 16-bit dtypes)
 GELU_MODES = ("tanh", "none")
-ACTIVATIONS = ("silu_and_mul", "gelu_tanh", "gelu")  # the MLP activations by name: gated SiLU, GELU tanh / exact
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
@@ -43,39 +41,6 @@ def gelu_ref(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
     return F.gelu(x, approximate=approximate)
 
 
-def activation_ref(x: torch.Tensor, act: str) -> torch.Tensor:
-    """One of ACTIVATIONS by name, by the references."""
-    check_activation(act)
-    return silu_and_mul_ref(x) if act == "silu_and_mul" else gelu_ref(x, "tanh" if act == "gelu_tanh" else "none")
-
-
-def activation(x: torch.Tensor, act: str, *, pdl: bool = False) -> torch.Tensor:
-    """One of ACTIVATIONS by name, by the Triton kernels."""
-    check_activation(act)
-    if act == "silu_and_mul":
-        return silu_and_mul(x, pdl=pdl)
-    return gelu(x, "tanh" if act == "gelu_tanh" else "none", pdl=pdl)
-
-
-def check_activation(act: str) -> None:
-    if act not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {act!r}")
-
-
-@jit_at_launch
-def silu_mul(gate, up):
-    """silu(gate) * up in float32 (inputs float32)."""
-    return gate * tl.sigmoid(gate) * up
-
-
-@jit_at_launch
-def gelu_f32(x, TANH: tl.constexpr):
-    """GELU of float32 x: the tanh approximation or the exact erf form."""
-    if TANH:
-        return 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
-    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
-
-
 @jit_at_launch
 def _silu_and_mul_kernel(x_ptr, y_ptr, n_rows, n_cols, stride_x, stride_y,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
@@ -85,7 +50,7 @@ def _silu_and_mul_kernel(x_ptr, y_ptr, n_rows, n_cols, stride_x, stride_y,
     mask = (rows < n_rows) & (cols < n_cols)
     gate = tl.load(x_ptr + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + rows * stride_x + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows * stride_y + cols, silu_mul(gate, up).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + rows * stride_y + cols, (gate * tl.sigmoid(gate) * up).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
@@ -122,7 +87,11 @@ def _gelu_kernel(x_ptr, y_ptr, n, TANH: tl.constexpr, BLOCK: tl.constexpr, PDL: 
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs, gelu_f32(x, TANH).to(y_ptr.dtype.element_ty), mask=mask)
+    if TANH:
+        y = 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+    else:
+        y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def gelu(x: torch.Tensor, approximate: str = "tanh", *, pdl: bool = False) -> torch.Tensor:

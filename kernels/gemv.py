@@ -11,10 +11,6 @@ cuBLAS on 14 of the 15 Llama-3-8B/1B and GPT-2 XL projections (8B o_proj 14.3 vs
 
 With programmatic dependent launch (``pdl``) a program loads its first K slice of the weights before it waits
 for the kernel that writes x: the weights stream in while the norm or attention before it finishes.
-
-``act_linear`` puts an MLP's activation in front (SiLU-and-mul or GELU): each program applies it to the x
-slices it loads, so the activation kernel and its launch drop out of a decode step. The math is the
-activation kernels' (float32, rounded once to x's dtype), so fused and separate give the same bits.
 """
 
 from __future__ import annotations
@@ -23,33 +19,15 @@ from typing import Any
 
 import torch
 
-from kernels.activation import activation, check_activation, gelu_f32, silu_mul
 from kernels.linear import linear_ref
 from kernels.rms_norm import cdiv, jit_at_launch, next_power_of_2, pdl_meta, wait_for_producers
 
 tl: Any = None  # triton.language, bound at the first launch by jit_at_launch
 
 
-ACT_CODES = {None: 0, "silu_and_mul": 1, "gelu_tanh": 2, "gelu": 3}
-
-
-@jit_at_launch
-def _load_x(x_ptr, cols, col_ok, n_in, ACT: tl.constexpr):
-    """x[cols] in float32, with ACT applied first (1: x_ptr holds [gate | up] of n_in each; 2, 3: GELU)."""
-    if ACT == 1:
-        gate = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        up = tl.load(x_ptr + n_in + cols, mask=col_ok, other=0.0).to(tl.float32)
-        return silu_mul(gate, up).to(x_ptr.dtype.element_ty).to(tl.float32)
-    x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    if ACT >= 2:
-        return gelu_f32(x, ACT == 2).to(x_ptr.dtype.element_ty).to(tl.float32)
-    return x
-
-
 @jit_at_launch
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, n_out, n_in, stride_w,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACT: tl.constexpr,
-                 PDL: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_out
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
@@ -57,12 +35,12 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, n_out, n_in, stride_w,
     col_ok = cols < n_in
     wv = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # weights only: no wait
     wait_for_producers(PDL)
-    xv = _load_x(x_ptr, cols, col_ok, n_in, ACT)
+    xv = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     acc = wv.to(tl.float32) * xv[None, :]
     for k in range(BLOCK_K, n_in, BLOCK_K):
         cols = k + tl.arange(0, BLOCK_K)
         col_ok = cols < n_in
-        xv = _load_x(x_ptr, cols, col_ok, n_in, ACT)
+        xv = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         wv = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         acc += wv.to(tl.float32) * xv[None, :]
     y = tl.sum(acc, axis=1)
@@ -79,26 +57,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return linear_ref(x, weight, bias)
 
 
-def act_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str, *,
-               pdl: bool = False) -> torch.Tensor:
-    """``act_linear_ref``'s contract: one row by the GEMV with the activation fused in, more rows by the
-    activation kernel and cuBLAS."""
-    check_activation(act)
-    if x.dim() == 2 and x.shape[0] == 1:
-        return gemv(x, weight, bias, act=act, pdl=pdl)
-    return linear_ref(activation(x, act, pdl=pdl), weight, bias)
-
-
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, act: str | None = None,
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          block_n: int = 2, block_k: int | None = None, num_warps: int = 4, pdl: bool = False) -> torch.Tensor:
     """``linear_ref``'s contract for one row: x [1, in], weight [out, in] (rows contiguous) -> [1, out].
-    ``act``: apply that activation (kernels.activation.ACTIVATIONS) to x first; "silu_and_mul" takes
-    x [1, 2 * in]. ``pdl``: launch with programmatic dependent launch (``kernels.rms_norm.wait_for_producers``)."""
-    if act is not None:
-        check_activation(act)
-    width = 2 * weight.shape[1] if act == "silu_and_mul" else weight.shape[1]
-    if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != width:
-        raise ValueError(f"gemv takes x [1, {width}], got {list(x.shape)}")
+    ``pdl``: launch with programmatic dependent launch (``kernels.rms_norm.wait_for_producers``)."""
+    if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"gemv takes x [1, {weight.shape[1]}], got {list(x.shape)}")
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     x = x if x.stride(1) == 1 else x.contiguous()
@@ -109,7 +73,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     y = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
     _gemv_kernel[(cdiv(n_out, block_n),)](
         x, weight, bias if bias is not None else weight, y, n_out, n_in, weight.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, ACT=ACT_CODES[act], num_warps=num_warps,
-        **pdl_meta(pdl, x.device),
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, **pdl_meta(pdl, x.device),
     )
     return y

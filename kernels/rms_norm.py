@@ -30,8 +30,8 @@ class jit_at_launch:  # noqa: N801  (a decorator, named like triton.jit)
     ``import kernels`` never imports triton: a CPU engine does not need it, and TRITON_INTERPRET
     (which triton reads when it is imported, jitting its own ``tl.sum`` etc.) may still be set by a
     test's conftest after other tests imported ``kernels``. At first launch every ``jit_at_launch``
-    object in the kernel's module globals (its helpers, imported ones included), and in turn in those
-    helpers' modules, becomes ``triton.jit`` of its function, and ``tl`` is bound in each function's module.
+    object in the kernel's module globals (its helpers, imported ones included) becomes
+    ``triton.jit`` of its function, and ``tl`` is bound in each function's module.
     """
 
     def __init__(self, fn: Callable) -> None:
@@ -42,17 +42,10 @@ class jit_at_launch:  # noqa: N801  (a decorator, named like triton.jit)
         import triton.language
 
         scope = self.fn.__globals__
-        pending, seen = [scope], set()
-        while pending:  # the kernel's module, then the modules its helpers come from
-            module = pending.pop()
-            if id(module) in seen:
-                continue
-            seen.add(id(module))
-            for name, obj in list(module.items()):
-                if isinstance(obj, jit_at_launch):
-                    obj.fn.__globals__["tl"] = triton.language
-                    module[name] = triton.jit(obj.fn)
-                    pending.append(obj.fn.__globals__)
+        for name, obj in list(scope.items()):
+            if isinstance(obj, jit_at_launch):
+                obj.fn.__globals__["tl"] = triton.language
+                scope[name] = triton.jit(obj.fn)
         return scope[self.fn.__name__][grid]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

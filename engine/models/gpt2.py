@@ -21,8 +21,7 @@ from engine.parallel import (
 )
 from kernels import Ops
 
-# transformers' activation_function -> ours (kernels.activation.ACTIVATIONS)
-_GELU = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
+_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
 
 
 class GPT2Attention(nn.Module):
@@ -47,10 +46,11 @@ class GPT2MLP(nn.Module):
         inner = cfg.n_inner or 4 * cfg.hidden_size
         self.c_fc = ColumnParallelLinear(cfg.hidden_size, [inner], True, ops)
         self.c_proj = RowParallelLinear(inner, cfg.hidden_size, True, ops)
-        self.act = _GELU[cfg.activation_function]
+        self.approximate = _GELU[cfg.activation_function]
+        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.c_fc(x), act=self.act)
+        return self.c_proj(self.ops.gelu(self.c_fc(x), self.approximate))
 
 
 class GPT2Block(nn.Module):

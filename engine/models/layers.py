@@ -35,16 +35,16 @@ class LayerNorm(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)) with gate and up fused into one column-parallel matmul, and the
-    activation into down's (ops.act_linear)."""
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one column-parallel matmul."""
 
     def __init__(self, hidden: int, intermediate: int, bias: bool, ops: Ops) -> None:
         super().__init__()
         self.gate_up_proj = ColumnParallelLinear(hidden, [intermediate, intermediate], bias, ops)
         self.down_proj = RowParallelLinear(intermediate, hidden, bias, ops)
+        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj(x), act="silu_and_mul")
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 def rope_parameters(hf_config: Any) -> dict[str, Any]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.gemv import act_linear, gemv
-from kernels.linear import act_linear_ref, linear_ref
+from kernels.gemv import gemv
+from kernels.linear import linear_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -54,23 +54,3 @@ def test_injected_linear_routes_one_row_to_the_kernel() -> None:
     for rows in (1, 3):
         x = randn(rows, 72)
         torch.testing.assert_close(linear(x, w, b), linear_ref(x, w, b), atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("act", ["silu_and_mul", "gelu_tanh", "gelu"])
-@pytest.mark.parametrize("rows", [1, 3])  # one row: the fused GEMV; more: the activation kernel, then cuBLAS
-@pytest.mark.parametrize("bias", [False, True])
-def test_act_linear_matches_activation_then_linear(act: str, rows: int, bias: bool) -> None:
-    n_out, n_in = 37, 1030  # fills no tile exactly; two K slices at block_k 1024
-    x = randn(rows, 2 * n_in if act == "silu_and_mul" else n_in)
-    w, b = randn(n_out, n_in), (randn(n_out) if bias else None)
-    want = act_linear_ref(x, w, b, act)
-    torch.testing.assert_close(act_linear(x, w, b, act), want, atol=1e-4, rtol=1e-4)
-    if rows == 1:
-        torch.testing.assert_close(gemv(x, w, b, act=act, block_n=8, block_k=256), want, atol=1e-4, rtol=1e-4)
-
-
-def test_act_linear_refuses_an_unknown_activation_and_a_wrong_width() -> None:
-    with pytest.raises(ValueError, match="activation must be one of"):
-        act_linear(randn(1, 16), randn(8, 16), None, "relu")
-    with pytest.raises(ValueError, match=r"gemv takes x \[1, 32\]"):
-        gemv(randn(1, 16), randn(8, 16), act="silu_and_mul")  # [gate | up] is twice the weight's width

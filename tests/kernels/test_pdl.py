@@ -58,7 +58,7 @@ def _decode_inputs(dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     r = lambda *s: torch.randn(*s, generator=g).to(DEVICE, dtype)  # noqa: E731
     k_cache, v_cache = r(4, 8, 2, 16), r(4, 8, 2, 16)
     ints = lambda *v: torch.tensor(v, dtype=torch.int32, device=DEVICE)  # noqa: E731
-    return dict(h=r(1, 64), res=r(1, 64), gain=r(64), bias=r(64), w_qkv=r(128, 64), w_up=r(96, 64), w_down=r(64, 48),
+    return dict(h=r(1, 64), res=r(1, 64), gain=r(64), bias=r(64), w_qkv=r(128, 64), w_up=r(96, 64),
                 cos_sin=r(64, 16).float(), pos=ints(19).long(), slot=ints(19).long(), k_cache=k_cache,
                 v_cache=v_cache, tables=ints(2, 0, 3)[None], qsl=ints(0, 1), seq_lens=ints(20))
 
@@ -77,11 +77,8 @@ def _decode_chain(ops: Any, d: dict[str, Any], layers: int) -> list[torch.Tensor
         a = ops.paged_attention(q2, k_cache, v_cache, d["tables"], d["qsl"], d["seq_lens"], 0.25,
                                 max_query_len=1, max_seq_len=20).flatten(1)
         x, res = ops.layer_norm(a, d["gain"], d["bias"], 1e-5, res)
-        gate_up = ops.linear(x, d["w_up"])
-        up = ops.silu_and_mul(gate_up)
+        up = ops.silu_and_mul(ops.linear(x, d["w_up"]))
         h = ops.gelu(torch.cat([up, up[:, :16]], dim=-1), "tanh")
-        h = ops.act_linear(gate_up, d["w_down"], d["bias"], "silu_and_mul") + ops.act_linear(h, d["w_qkv"][:64],
-                                                                                             None, "gelu_tanh")
         outs += [h, res]
     return [*outs, k_cache, v_cache]
 
@@ -101,7 +98,7 @@ ARG_TYPES = {"slot_ptr": "*i64", "pos_ptr": "*i64", "cs_ptr": "*fp32", "eps": "f
 
 # kernel (module, name) -> the constexprs of a decode launch at Llama-3-8B-like widths
 KERNELS: dict[tuple[str, str], dict[str, Any]] = {
-    ("kernels.gemv", "_gemv_kernel"): dict(HAS_BIAS=True, BLOCK_N=2, BLOCK_K=2048, ACT=1),
+    ("kernels.gemv", "_gemv_kernel"): dict(HAS_BIAS=True, BLOCK_N=2, BLOCK_K=2048),
     ("kernels.rms_norm", "_rms_norm_kernel"): dict(HAS_RESIDUAL=True, BLOCK_M=1, BLOCK_N=4096),
     ("kernels.layer_norm", "_layer_norm_kernel"): dict(HAS_RESIDUAL=True, BLOCK_M=1, BLOCK_N=2048),
     ("kernels.activation", "_silu_and_mul_kernel"): dict(BLOCK_M=1, BLOCK_N=2048),

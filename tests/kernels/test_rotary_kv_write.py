@@ -171,15 +171,14 @@ def test_registry_swaps_in_the_kernels() -> None:
     assert TORCH_OPS.rotary_kv_write is rotary_kv_write_ref
 
 
-OURS = ("rms_norm", "layer_norm", "rotary_kv_write", "kv_write", "act_linear")
+OURS = ("rms_norm", "layer_norm", "rotary_kv_write", "kv_write", "silu_and_mul", "gelu")
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_model_generates_the_same_tokens_with_these_kernels(family: str, make_checkpoint: Any,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The references vs these kernels (attention stays the reference) through the whole engine:
-    Llama runs RMSNorm + residual, fused rotary + KV write and SiLU-and-mul (in act_linear: the activation
-    kernel before cuBLAS for a prompt, inside the GEMV for a decode row); GPT-2 LayerNorm, KV write, GELU."""
+    Llama runs RMSNorm + residual, fused rotary + KV write and SiLU-and-mul; GPT-2 LayerNorm, KV write, GELU."""
     pytest.importorskip("transformers")
     Engine = pytest.importorskip("engine.engine").Engine  # the engine's own dependencies (pydantic, ...)
     from engine import model_runner
