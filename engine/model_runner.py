@@ -120,7 +120,10 @@ class ModelRunner:
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(self.device)
         cfg = self.config
-        eager_peak = self._profile_peak(cfg.max_num_batched_tokens, min(cfg.max_num_seqs, cfg.max_num_batched_tokens))
+        # the largest eager step the scheduler can form: max_num_seqs sequences, each at most a chunk (and the context)
+        seqs = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        tokens = min(cfg.max_num_batched_tokens, seqs * min(cfg.prefill_chunk_size, self.max_model_len))
+        eager_peak = self._profile_peak(tokens, seqs)
         graph_peak = 0
         if cfg.enable_cuda_graph:  # one decode step's activations (graphs share a pool) + every graph's logits
             held_logits = sum(graph_batch_sizes(cfg.max_num_seqs)) * self.vocab_size * self.dtype.itemsize

@@ -91,3 +91,13 @@ def test_kv_pool_takes_the_fraction_of_memory_left(make_checkpoint: Any) -> None
     assert 0.15 * free_before < pool <= 0.25 * free_before  # a quarter of what weights/activations left
     out = eng.generate([list(range(1, 200))], SamplingParams(max_new_tokens=8, ignore_eos=True))
     assert len(out[0].token_ids) == 8
+
+
+def test_one_sequence_engine_whose_context_is_shorter_than_the_token_budget_starts(make_checkpoint: Any) -> None:
+    """The start-up profile step is one the scheduler could form: with max_num_seqs=1 it once put the whole
+    token budget (2048) into one sequence longer than the model's context (64) and crashed."""
+    model_dir = make_checkpoint("gpt2", n_positions=64)
+    eng = _engine(model_dir, "float16", True, num_kv_blocks=None, max_num_seqs=1, max_num_batched_tokens=2048,
+                  prefill_chunk_size=512, kv_cache_memory_fraction=0.05)
+    out = eng.generate([list(range(1, 40))], SamplingParams(max_new_tokens=8, ignore_eos=True))
+    assert len(out[0].token_ids) == 8
