@@ -204,7 +204,7 @@ def _copy_to_host(sampled: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event
     host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
     host.copy_(sampled, non_blocking=True)
     ready = torch.cuda.Event()
-    ready.record()
+    ready.record(torch.cuda.current_stream(sampled.device))  # the copy's stream: that of the tokens' device
     return host, ready
 
 

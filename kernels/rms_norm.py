@@ -57,7 +57,8 @@ def wait_for_producers(PDL: tl.constexpr):
     """Programmatic dependent launch (Hopper+): a kernel launched with ``launch_pdl`` may start while the kernel
     before it still runs. It waits here until every earlier kernel has finished and its writes are visible, then
     lets the next kernel launch, whose programs start up (and load their weights) while this one works. Before
-    this call a kernel may read only what no kernel writes (weights), and store nothing."""
+    this call a kernel stores nothing and reads only what no kernel of the step writes: weights, or the step's
+    metadata the host copied in (attention's sequence lookup)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
