@@ -330,15 +330,13 @@ def paged_attention(
     if splits & (splits - 1) or num_q_heads % num_kv_heads or query_start_loc.shape[0] != num_seqs + 1:
         raise ValueError(f"need num_kv_splits={splits} a power of two, Hq={num_q_heads} a multiple of "
                          f"Hkv={num_kv_heads}, query_start_loc of {num_seqs} + 1 entries")
-    given = (q, k_cache, v_cache, block_tables, query_start_loc, seq_lens)
+    # with PDL the sequence lookup reads query_start_loc and seq_lens before the wait: not if a conversion
+    # kernel launched just below writes them (the other inputs are read after the wait)
+    meta_as_given = query_start_loc.dtype == torch.int32 and seq_lens.dtype == torch.int32
     q, k_cache, v_cache, block_tables = (t if t.stride(-1) == 1 else t.contiguous()
                                          for t in (q, k_cache, v_cache, block_tables))
-    query_start_loc, seq_lens = query_start_loc.to(torch.int32), seq_lens.to(torch.int32)
-    # with PDL the metadata is read before the wait: not if a copy just made above wrote it
-    used_as_given = all(a is b for a, b in zip(given, (q, k_cache, v_cache, block_tables, query_start_loc, seq_lens),
-                                               strict=True))
-    return _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, cfg, splits,
-                   pdl and q.is_cuda and used_as_given)
+    return _launch(q, k_cache, v_cache, block_tables, query_start_loc.to(torch.int32), seq_lens.to(torch.int32),
+                   scale, cfg, splits, pdl and q.is_cuda and meta_as_given)
 
 
 # per device, the split-KV arrival counters: zero between launches, since the last split program of each tile
