@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engine.parallel import ColumnParallelLinear
 from kernels import Ops
 
 
@@ -54,7 +55,9 @@ def current_metadata() -> AttentionMetadata:
 
 
 class Attention(nn.Module):
-    """Writes this step's K/V into the layer's cache blocks, then attends over the paged cache.
+    """Projects q|k|v, writes the step's K/V into the layer's cache blocks (rotated, with a rotary table),
+    then attends over the paged cache; the projection, rotary and KV write are one op (``Ops.qkv_kv_write``:
+    one launch at batch 1).
 
     ``k_cache``/``v_cache`` ([num_blocks, block_size, Hkv, D] views of the pool) are bound by
     the model runner once the KV pool exists.
@@ -70,24 +73,18 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        x: torch.Tensor,
+        qkv_proj: ColumnParallelLinear,
         positions: torch.Tensor | None = None,
         cos_sin_cache: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq * D].
+        """x: [T, hidden], ``qkv_proj`` the layer's fused q|k|v projection (this rank's heads) -> [T, Hq * D].
 
-        With ``positions`` [T] and a rotary ``cos_sin_cache``, q and k are rotated first, in one op
-        with the KV write (the rotated k goes straight into the cache).
+        With ``positions`` [T] and a rotary ``cos_sin_cache``, q and k are rotated before k is cached.
         """
         md = current_metadata()
-        if cos_sin_cache is None:
-            self.ops.kv_write(k, v, self.k_cache, self.v_cache, md.slot_mapping)
-        else:
-            q = self.ops.rotary_kv_write(
-                positions, q, k, v, cos_sin_cache, self.k_cache, self.v_cache, md.slot_mapping
-            )
+        q = self.ops.qkv_kv_write(x, qkv_proj.weight, qkv_proj.bias, self.num_heads, self.num_kv_heads,
+                                  self.k_cache, self.v_cache, md.slot_mapping, positions, cos_sin_cache)
         out = self.ops.paged_attention(
             q, self.k_cache, self.v_cache, md.block_tables, md.query_start_loc, md.seq_lens, self.scale,
             max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,

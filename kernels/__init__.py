@@ -15,14 +15,12 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Literal
 
-from kernels import activation, gemv, kv_write, layer_norm, rms_norm, rotary
-from kernels.activation import gelu_ref, silu_and_mul_ref
-from kernels.kv_write import kv_write_ref
+from kernels import gemv, layer_norm, qkv_projection, rms_norm
 from kernels.layer_norm import layer_norm_ref
-from kernels.linear import linear_ref
+from kernels.linear import linear_act_ref, linear_ref
 from kernels.paged_attention import paged_attention_ref
+from kernels.qkv_projection import qkv_kv_write_ref
 from kernels.rms_norm import rms_norm_ref
-from kernels.rotary import rotary_kv_write_ref, rotary_ref
 
 Backend = Literal["torch", "triton"]
 
@@ -32,26 +30,20 @@ class Ops:
     """One callable per op; see each op's module for shapes and semantics."""
 
     paged_attention: Callable
-    kv_write: Callable
-    rotary: Callable
-    rotary_kv_write: Callable
+    qkv_kv_write: Callable  # qkv projection, rotary, KV-cache write
     rms_norm: Callable
     layer_norm: Callable
-    silu_and_mul: Callable
-    gelu: Callable
     linear: Callable
+    linear_act: Callable  # linear, then the MLP's activation
 
 
 TORCH_OPS = Ops(
     paged_attention=paged_attention_ref,
-    kv_write=kv_write_ref,
-    rotary=rotary_ref,
-    rotary_kv_write=rotary_kv_write_ref,
+    qkv_kv_write=qkv_kv_write_ref,
     rms_norm=rms_norm_ref,
     layer_norm=layer_norm_ref,
-    silu_and_mul=silu_and_mul_ref,
-    gelu=gelu_ref,
     linear=linear_ref,
+    linear_act=linear_act_ref,
 )
 
 # Ops that have a fused Triton kernel; the rest fall back to the reference.
@@ -69,18 +61,17 @@ def _paged_attention_triton(*args: Any, **kwargs: Any) -> Any:
 if importlib.util.find_spec("triton") is not None:
     _TRITON_KERNELS["paged_attention"] = _paged_attention_triton
 
-# Norms, rotary, KV write, activations: the kernels sit next to their references; triton is imported
-# and they are jitted at their first launch (kernels.rms_norm.jit_at_launch), not by ``import kernels``.
+# Norms, projections: the kernels sit next to their references; triton is imported and they are jitted at
+# their first launch (kernels.rms_norm.jit_at_launch), not by ``import kernels``. The projections run a one-row
+# x (batch-1 decode) as one GEMV launch with its epilogue (rotary + KV write, the activation); more rows by
+# cuBLAS, then the rotary/KV-write or activation kernel (kernels.rotary, kv_write, activation).
 if importlib.util.find_spec("triton") is not None:
     _TRITON_KERNELS.update(
         rms_norm=rms_norm.rms_norm,
         layer_norm=layer_norm.layer_norm,
-        rotary=rotary.rotary,
-        kv_write=kv_write.kv_write,
-        rotary_kv_write=rotary.rotary_kv_write,
-        silu_and_mul=activation.silu_and_mul,
-        gelu=activation.gelu,
-        linear=gemv.linear,  # one-row products by the GEMV kernel, the rest by cuBLAS
+        qkv_kv_write=qkv_projection.qkv_kv_write,
+        linear=gemv.linear,
+        linear_act=gemv.linear_act,
     )
 
 

@@ -50,7 +50,13 @@ def _silu_and_mul_kernel(x_ptr, y_ptr, n_rows, n_cols, stride_x, stride_y,
     mask = (rows < n_rows) & (cols < n_cols)
     gate = tl.load(x_ptr + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + rows * stride_x + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows * stride_y + cols, (gate * tl.sigmoid(gate) * up).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + rows * stride_y + cols, silu_mul_f32(gate, up).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@jit_at_launch
+def silu_mul_f32(gate, up):
+    """silu(gate) * up in float32 (shared with the GEMV's fused epilogue, so both round the same value)."""
+    return gate * tl.sigmoid(gate) * up
 
 
 def silu_and_mul(x: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
@@ -87,11 +93,17 @@ def _gelu_kernel(x_ptr, y_ptr, n, TANH: tl.constexpr, BLOCK: tl.constexpr, PDL: 
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, gelu_f32(x, TANH).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@jit_at_launch
+def gelu_f32(x, TANH: tl.constexpr):
+    """GELU of float32 x, tanh or erf form (shared with the GEMV's fused epilogue)."""
     if TANH:
         y = 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
     else:
         y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    return y
 
 
 def gelu(x: torch.Tensor, approximate: str = "tanh", *, pdl: bool = False) -> torch.Tensor:

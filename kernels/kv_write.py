@@ -98,7 +98,7 @@ def kv_write(
     ``pdl``: launch with programmatic dependent launch (``kernels.rms_norm.wait_for_producers``)."""
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
-    check_kv_cache(k, k_cache, v_cache)
+    check_kv_cache(k_cache, v_cache, *k.shape[1:])
     n_tokens, n_heads, head_dim = k.shape
     tile = heads_tile(n_heads, head_dim, tile_elements(TILE, k.device))
     if n_tokens > 0:
@@ -120,8 +120,8 @@ def heads_tile(n_heads: int, head_dim: int, elements: int) -> dict[str, int]:
     return {"BLOCK_T": max(1, elements // (block_h * block_d)), "BLOCK_H": block_h, "BLOCK_D": block_d}
 
 
-def check_kv_cache(k: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+def check_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
     for cache in (k_cache, v_cache):
-        if cache.dim() != 4 or cache.shape[2:] != k.shape[1:] or cache.stride(-1) != 1:
-            raise ValueError(f"KV cache must be [num_blocks, block_size, {k.shape[1]}, {k.shape[2]}] "
+        if cache.dim() != 4 or tuple(cache.shape[2:]) != (num_kv_heads, head_dim) or cache.stride(-1) != 1:
+            raise ValueError(f"KV cache must be [num_blocks, block_size, {num_kv_heads}, {head_dim}] "
                              f"with unit stride in head_dim; got {tuple(cache.shape)}")

@@ -37,9 +37,11 @@ import triton
 import triton.language as tl
 
 LOG2E = math.log2(math.e)
-MIN_TOKENS_PER_SPLIT = 256
-MAX_SPLITS = 64
-MIN_KEYS_PER_ACTIVE_SPLIT = 64  # inside a launch with splits, the fewest keys a split that holds any gets
+# at most 16 splits: a graph is captured for the longest context, and at a short one the launch's idle split
+# programs cost time (H100, batch 1, 577-640 keys, bench/results-h100-attention-splits.json: Llama-3-8B 5.7 us
+# with 16 splits, 6.7 with 32, 8.8 with 64; GPT-2 XL 6.3 with 16, 6.9 with 4, 8.9 with 32)
+MAX_SPLITS = 16
+MIN_KEYS_PER_ACTIVE_SPLIT = 64  # the fewest keys a split that holds any gets (also at the context sized for)
 MERGE_ELEMS = 8192  # float32 partials the merging program loads a step: 64 registers a thread at 4 warps
 
 
@@ -284,13 +286,13 @@ def _sm_count(device: torch.device) -> int:
 def choose_kv_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int, num_sms: int) -> int:
     """Split the key range only for decode-only batches that would leave SMs idle (< 2 programs per SM).
 
-    Enough splits for ~4 programs per SM, each reading >= MIN_TOKENS_PER_SPLIT keys, rounded down to a
-    power of two (the reduction loads all splits as one vector; few values, few compilations).
+    Enough splits for ~4 programs per SM, each reading >= MIN_KEYS_PER_ACTIVE_SPLIT keys, at most MAX_SPLITS,
+    rounded down to a power of two (the reduction loads all splits as one vector; few values, few compilations).
     """
     programs = num_seqs * num_kv_heads
     if max_query_len != 1 or programs >= 2 * num_sms:
         return 1
-    splits = min(triton.cdiv(4 * num_sms, programs), max_seq_len // MIN_TOKENS_PER_SPLIT, MAX_SPLITS)
+    splits = min(triton.cdiv(4 * num_sms, programs), max_seq_len // MIN_KEYS_PER_ACTIVE_SPLIT, MAX_SPLITS)
     return 1 if splits < 2 else 1 << (splits.bit_length() - 1)
 
 

@@ -30,8 +30,8 @@ class jit_at_launch:  # noqa: N801  (a decorator, named like triton.jit)
     ``import kernels`` never imports triton: a CPU engine does not need it, and TRITON_INTERPRET
     (which triton reads when it is imported, jitting its own ``tl.sum`` etc.) may still be set by a
     test's conftest after other tests imported ``kernels``. At first launch every ``jit_at_launch``
-    object in the kernel's module globals (its helpers, imported ones included) becomes
-    ``triton.jit`` of its function, and ``tl`` is bound in each function's module.
+    object in the kernel's module globals (its helpers, imported ones included), and in those of the
+    modules its helpers come from, becomes ``triton.jit`` of its function; ``tl`` is bound in each.
     """
 
     def __init__(self, fn: Callable) -> None:
@@ -42,10 +42,17 @@ class jit_at_launch:  # noqa: N801  (a decorator, named like triton.jit)
         import triton.language
 
         scope = self.fn.__globals__
-        for name, obj in list(scope.items()):
-            if isinstance(obj, jit_at_launch):
-                obj.fn.__globals__["tl"] = triton.language
-                scope[name] = triton.jit(obj.fn)
+        pending, seen = [scope], set()
+        while pending:  # this module's helpers, then those of the modules they come from (their own helpers)
+            globals_ = pending.pop()
+            if id(globals_) in seen:
+                continue
+            seen.add(id(globals_))
+            globals_["tl"] = triton.language
+            for name, obj in list(globals_.items()):
+                if isinstance(obj, jit_at_launch):
+                    pending.append(obj.fn.__globals__)
+                    globals_[name] = triton.jit(obj.fn)
         return scope[self.fn.__name__][grid]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

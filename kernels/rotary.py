@@ -188,7 +188,7 @@ def rotary_kv_write(
     """Triton launcher with ``rotary_kv_write_ref``'s contract; the rotated k never exists outside the cache.
     ``pdl`` as in ``rotary``."""
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
-    check_kv_cache(k, k_cache, v_cache)
+    check_kv_cache(k_cache, v_cache, *k.shape[1:])
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     meta = _tile_meta(q, k, cos_sin_cache)
     if q.shape[0] > 0:

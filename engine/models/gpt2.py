@@ -21,7 +21,7 @@ from engine.parallel import (
 )
 from kernels import Ops
 
-_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
+_GELU = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu_erf"}
 
 
 class GPT2Attention(nn.Module):
@@ -36,8 +36,7 @@ class GPT2Attention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_heads, self.head_dim, scale, ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (t.view(-1, self.num_heads, self.head_dim) for t in self.c_attn(x).chunk(3, dim=-1))
-        return self.c_proj(self.attn(q, k, v))
+        return self.c_proj(self.attn(x, self.c_attn))
 
 
 class GPT2MLP(nn.Module):
@@ -46,11 +45,11 @@ class GPT2MLP(nn.Module):
         inner = cfg.n_inner or 4 * cfg.hidden_size
         self.c_fc = ColumnParallelLinear(cfg.hidden_size, [inner], True, ops)
         self.c_proj = RowParallelLinear(inner, cfg.hidden_size, True, ops)
-        self.approximate = _GELU[cfg.activation_function]
+        self.activation = _GELU[cfg.activation_function]
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.ops.gelu(self.c_fc(x), self.approximate))
+        return self.c_proj(self.ops.linear_act(x, self.c_fc.weight, self.c_fc.bias, self.activation))
 
 
 class GPT2Block(nn.Module):

@@ -44,7 +44,8 @@ class GatedMLP(nn.Module):
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+        up = self.gate_up_proj
+        return self.down_proj(self.ops.linear_act(x, up.weight, up.bias, "silu_and_mul"))
 
 
 def rope_parameters(hf_config: Any) -> dict[str, Any]:
@@ -89,14 +90,10 @@ def _llama3_scaled(inv_freq: torch.Tensor, p: dict[str, Any]) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Holds the [max_pos, rot_dim] cos|sin table and rotates q and k by each token's position."""
+    """Holds the [max_pos, rot_dim] cos|sin table the qkv projection rotates q and k with (``Attention``)."""
 
-    def __init__(self, head_dim: int, rot_dim: int, max_position: int, params: dict[str, Any], ops: Ops) -> None:
+    def __init__(self, rot_dim: int, max_position: int, params: dict[str, Any]) -> None:
         super().__init__()
         inv_freq = rope_inv_freq(rot_dim, params)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
         self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
-        self.ops = ops
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.ops.rotary(positions, q, k, self.cos_sin_cache)

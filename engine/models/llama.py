@@ -33,19 +33,14 @@ class LlamaAttention(nn.Module):
         d = head_dim_of(cfg)
         heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
         self.num_heads, self.num_kv_heads = divide(heads, tp, "attention heads"), divide(kv_heads, tp, "kv heads")
-        self.q_size, self.kv_size, self.head_dim = self.num_heads * d, self.num_kv_heads * d, d
         self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, [heads * d, kv_heads * d, kv_heads * d], qkv_bias, ops)
         self.o_proj = RowParallelLinear(heads * d, cfg.hidden_size, o_bias, ops)
         rot_dim = int(d * getattr(cfg, "partial_rotary_factor", 1.0))
-        self.rotary_emb = RotaryEmbedding(d, rot_dim, cfg.max_position_embeddings, rope_parameters(cfg), ops)
+        self.rotary_emb = RotaryEmbedding(rot_dim, cfg.max_position_embeddings, rope_parameters(cfg))
         self.attn = Attention(self.num_heads, self.num_kv_heads, d, d**-0.5, ops)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        return self.o_proj(self.attn(q, k, v, positions, self.rotary_emb.cos_sin_cache))
+        return self.o_proj(self.attn(x, self.qkv_proj, positions, self.rotary_emb.cos_sin_cache))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -25,6 +25,7 @@ NEW = 6
 ])
 @pytest.mark.parametrize(("family", "overrides"), [
     ("llama", {}),
+    ("qwen2", {}),  # a bias on q, k and v: rotary after the bias in the projection's epilogue
     ("gpt2", {}),  # LayerNorm + GELU, biases everywhere
 ])
 def test_one_sequence_with_kernels_matches_transformers(

@@ -197,11 +197,13 @@ def test_registered_under_the_triton_backend() -> None:
 
 def test_split_choice() -> None:
     h100 = 132
-    assert choose_kv_splits(1, 8, 1, 32768, h100) == 64  # 8 programs, long context: split
+    assert choose_kv_splits(1, 8, 1, 32768, h100) == 16  # 8 programs, long context: split, at most 16 ways
+    assert choose_kv_splits(1, 25, 1, 1024, h100) == 16  # GPT-2 XL's graph: its context allows 16 splits of 64
     assert choose_kv_splits(4, 8, 1, 4096, h100) == 16
+    assert choose_kv_splits(16, 8, 1, 4096, h100) == 4
     assert choose_kv_splits(64, 8, 1, 4096, h100) == 1  # already 512 programs
     assert choose_kv_splits(1, 8, 7, 32768, h100) == 1  # a prompt chunk in the batch: no split
-    assert choose_kv_splits(1, 8, 1, 300, h100) == 1  # too short to be worth splitting
+    assert choose_kv_splits(1, 8, 1, 100, h100) == 1  # too short to be worth splitting
 
 
 def _compile_for_h100(kernel: Any, pointers: dict[str, str], constexprs: dict[str, Any], **options: int) -> Any:

@@ -58,7 +58,8 @@ def _decode_inputs(dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     r = lambda *s: torch.randn(*s, generator=g).to(DEVICE, dtype)  # noqa: E731
     k_cache, v_cache = r(4, 8, 2, 16), r(4, 8, 2, 16)
     ints = lambda *v: torch.tensor(v, dtype=torch.int32, device=DEVICE)  # noqa: E731
-    return dict(h=r(1, 64), res=r(1, 64), gain=r(64), bias=r(64), w_qkv=r(128, 64), w_up=r(96, 64),
+    return dict(h=r(1, 64), res=r(1, 64), gain=r(64), bias=r(64), w_qkv=r(128, 64), b_qkv=r(128), w_o=r(64, 64),
+                w_up=r(96, 64), w_down=r(64, 48),
                 cos_sin=r(64, 16).float(), pos=ints(19).long(), slot=ints(19).long(), k_cache=k_cache,
                 v_cache=v_cache, tables=ints(2, 0, 3)[None], qsl=ints(0, 1), seq_lens=ints(20))
 
@@ -69,16 +70,13 @@ def _decode_chain(ops: Any, d: dict[str, Any], layers: int) -> list[torch.Tensor
     k_cache, v_cache = d["k_cache"].clone(), d["v_cache"].clone()
     for _ in range(layers):
         x, res = ops.rms_norm(h, d["gain"], 1e-5, res)
-        q, k, v = ops.linear(x, d["w_qkv"]).split([64, 32, 32], dim=-1)
-        q, k, v = q.view(1, 4, 16), k.view(1, 2, 16), v.view(1, 2, 16)
-        q = ops.rotary_kv_write(d["pos"], q, k, v, d["cos_sin"], k_cache, v_cache, d["slot"])
-        q2, k2 = ops.rotary(d["pos"], q, k, d["cos_sin"])
-        ops.kv_write(k2, v, k_cache, v_cache, d["slot"] - 1)
-        a = ops.paged_attention(q2, k_cache, v_cache, d["tables"], d["qsl"], d["seq_lens"], 0.25,
+        q = ops.qkv_kv_write(x, d["w_qkv"], None, 4, 2, k_cache, v_cache, d["slot"], d["pos"], d["cos_sin"])
+        ops.qkv_kv_write(x, d["w_qkv"], d["b_qkv"], 4, 2, k_cache, v_cache, d["slot"] - 1)  # GPT-2's: no rotary
+        a = ops.paged_attention(q, k_cache, v_cache, d["tables"], d["qsl"], d["seq_lens"], 0.25,
                                 max_query_len=1, max_seq_len=20).flatten(1)
-        x, res = ops.layer_norm(a, d["gain"], d["bias"], 1e-5, res)
-        up = ops.silu_and_mul(ops.linear(x, d["w_up"]))
-        h = ops.gelu(torch.cat([up, up[:, :16]], dim=-1), "tanh")
+        x, res = ops.layer_norm(ops.linear(a, d["w_o"], d["bias"]), d["gain"], d["bias"], 1e-5, res)
+        up = ops.linear_act(x, d["w_up"], None, "silu_and_mul")
+        h = ops.linear_act(up, d["w_down"], d["bias"], "gelu_tanh")
         outs += [h, res]
     return [*outs, k_cache, v_cache]
 
@@ -97,7 +95,10 @@ ARG_TYPES = {"slot_ptr": "*i64", "pos_ptr": "*i64", "cs_ptr": "*fp32", "eps": "f
 
 # kernel (module, name) -> the constexprs of a decode launch at Llama-3-8B-like widths
 KERNELS: dict[tuple[str, str], dict[str, Any]] = {
-    ("kernels.gemv", "_gemv_kernel"): dict(HAS_BIAS=True, BLOCK_N=2, BLOCK_K=2048),
+    ("kernels.gemv", "_gemv_kernel"): dict(HAS_BIAS=True, ACT=1, BLOCK_N=2, BLOCK_K=2048),
+    ("kernels.gemv", "_gemv_silu_mul_kernel"): dict(HAS_BIAS=True, BLOCK_P=1, BLOCK_K=2048),
+    ("kernels.qkv_projection", "_qkv_gemv_kernel"): dict(N_Q_HEADS=32, N_KV_HEADS=8, HALF=64, HAS_BIAS=True,
+                                                        ROTARY=True, BLOCK_P=1, BLOCK_K=2048),
     ("kernels.rms_norm", "_rms_norm_kernel"): dict(HAS_RESIDUAL=True, BLOCK_M=1, BLOCK_N=4096),
     ("kernels.layer_norm", "_layer_norm_kernel"): dict(HAS_RESIDUAL=True, BLOCK_M=1, BLOCK_N=2048),
     ("kernels.activation", "_silu_and_mul_kernel"): dict(BLOCK_M=1, BLOCK_N=2048),
@@ -109,7 +110,8 @@ KERNELS: dict[tuple[str, str], dict[str, Any]] = {
                                                         BLOCK_HQ=32, BLOCK_HK=8, BLOCK_HALF=64, BLOCK_PASS=1,
                                                         BLOCK_D=128),
 }
-LOADS_BEFORE_WAIT = {"_gemv_kernel", "_rms_norm_kernel", "_layer_norm_kernel"}  # weights / gains only
+LOADS_BEFORE_WAIT = {"_gemv_kernel", "_gemv_silu_mul_kernel", "_qkv_gemv_kernel",  # weights / gains only
+                     "_rms_norm_kernel", "_layer_norm_kernel"}
 
 
 def check_pdl_ptx() -> None:

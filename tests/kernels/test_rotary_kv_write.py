@@ -165,20 +165,16 @@ def test_tiles_smaller_than_one_token(monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.equal(v_cache, v_ref)
 
 
-def test_registry_swaps_in_the_kernels() -> None:
-    ops = get_ops("triton")
-    assert (ops.rotary, ops.kv_write, ops.rotary_kv_write) == (rotary, kv_write, rotary_kv_write)
-    assert TORCH_OPS.rotary_kv_write is rotary_kv_write_ref
-
-
-OURS = ("rms_norm", "layer_norm", "rotary_kv_write", "kv_write", "silu_and_mul", "gelu")
+OURS = ("rms_norm", "layer_norm", "qkv_kv_write", "linear_act")
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_model_generates_the_same_tokens_with_these_kernels(family: str, make_checkpoint: Any,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """The references vs these kernels (attention stays the reference) through the whole engine:
-    Llama runs RMSNorm + residual, fused rotary + KV write and SiLU-and-mul; GPT-2 LayerNorm, KV write, GELU."""
+    """The references vs these kernels (attention stays the reference) through the whole engine, a batch of two
+    (prompts and decode through cuBLAS, then the rotary + KV-write and activation kernels) and one sequence alone
+    (its decode steps through the one-row projections with those in their epilogues). Llama runs RMSNorm +
+    residual, rotary + KV write and SiLU-and-mul; GPT-2 LayerNorm, KV write and GELU."""
     pytest.importorskip("transformers")
     Engine = pytest.importorskip("engine.engine").Engine  # the engine's own dependencies (pydantic, ...)
     from engine import model_runner
@@ -191,10 +187,13 @@ def test_model_generates_the_same_tokens_with_these_kernels(family: str, make_ch
     prompts, sampling = [[5, 17, 300, 2, 44, 9, 130], [7] * 20], SamplingParams(max_new_tokens=4, ignore_eos=True)
     cfg = EngineConfig(model=str(ckpt), dtype="float32", block_size=16, num_kv_blocks=8, device=DEVICE,
                        replace_with_kernel_inject=False)
-    expected = [out.token_ids for out in Engine(cfg).generate(prompts, sampling)]
+    reference = Engine(cfg)
+    expected = [out.token_ids for out in reference.generate(prompts, sampling)]
+    expected_alone = reference.generate(prompts[:1], sampling)[0].token_ids
     monkeypatch.setattr(model_runner, "get_ops", lambda backend, pdl=False: ours)
-    got = [out.token_ids for out in Engine(cfg).generate(prompts, sampling)]
-    assert got == expected
+    engine = Engine(cfg)
+    assert [out.token_ids for out in engine.generate(prompts, sampling)] == expected
+    assert engine.generate(prompts[:1], sampling)[0].token_ids == expected_alone
 
 
 @pytest.mark.gpu

@@ -42,7 +42,7 @@ def engine(model_dir: Any, kernels: bool, dtype: str) -> Engine:
 
 
 def test_kernels_are_registered() -> None:
-    assert {"paged_attention", "rms_norm", "silu_and_mul"} <= set(triton_ops_available())
+    assert {"paged_attention", "rms_norm", "qkv_kv_write", "linear_act"} <= set(triton_ops_available())
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
