@@ -8,7 +8,8 @@ partial sums in float32 and reduces them once at the end; 4096 outputs / BLOCK_N
 Bias is added in float32 and the result rounded once, as cuBLAS's epilogue does; ``linear_ref`` (F.linear)
 is the reference. Measured with cold weights on an H100 (bench/skinny_linear.py), 2 x 2048 tiles beat
 cuBLAS on 14 of the 15 Llama-3-8B/1B and GPT-2 XL projections (8B o_proj 14.3 vs 16.4 us, lm_head 345 vs
-371 us; GPT-2's fc 11.3 vs 10.5 us is the exception) and need no split-K reduce kernel.
+371 us; GPT-2's fc 11.3 vs 10.5 us is the exception) and need no split-K reduce kernel; under PDL the
+row-parallel projections run faster with 4 rows a program (``gemv``).
 
 With programmatic dependent launch (``pdl``) a program loads its first K slice of the weights before it waits
 for the kernel that writes x: the weights stream in while the norm or attention before it finishes.
@@ -110,11 +111,12 @@ def is_one_row(x: torch.Tensor) -> bool:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, activation: str | None = None,
-         block_n: int = 2, block_k: int | None = None, num_warps: int = 4, pdl: bool = False) -> torch.Tensor:
+         block_n: int | None = None, block_k: int | None = None, num_warps: int = 4, pdl: bool = False
+         ) -> torch.Tensor:
     """``linear_ref``'s contract for one row (``linear_act_ref``'s with an ``activation``): x [1, in], weight
     [out, in] (rows contiguous) -> [1, out] ([1, out / 2] for silu_and_mul). ``block_n``: rows a program reads
-    (for silu_and_mul, half of them gate and half up). ``pdl``: launch with programmatic dependent launch
-    (``kernels.rms_norm.wait_for_producers``)."""
+    (4 where in >= out, else 2; for silu_and_mul half of them gate and half up). ``pdl``: launch with
+    programmatic dependent launch (``kernels.rms_norm.wait_for_producers``)."""
     if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"gemv takes x [1, {weight.shape[1]}], got {list(x.shape)}")
     if activation is not None:
@@ -123,8 +125,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         weight = weight.contiguous()
     x = x if x.stride(1) == 1 else x.contiguous()
     n_out, n_in = weight.shape
-    # 2 rows x 2048 columns a program: the fastest tile on an H100 for every Llama-3 and GPT-2 XL projection
-    # (bench/skinny_linear.py), about 15 KB of loads in flight per program
+    # 2048 columns a program; 4 rows where the rows are at least as long as the outputs are many (o_proj, down),
+    # else 2: the fastest tiles on an H100 in a CUDA graph of PDL launches with cold weights
+    # (bench/results-h100-gemv-tiles.json: 8B down 40.3 us with 4 rows vs 43.5 with 2, o_proj 11.8 vs 12.7; the
+    # qkv, gate_up and fc projections stay fastest at 2)
+    block_n = block_n or (4 if n_in >= n_out else 2)
     block_k = block_k or min(2048, next_power_of_2(n_in))
     meta = dict(HAS_BIAS=bias is not None, BLOCK_K=block_k, num_warps=num_warps, **pdl_meta(pdl, x.device))
     b = bias if bias is not None else weight
