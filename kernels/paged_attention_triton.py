@@ -60,58 +60,44 @@ def _find_seq(query_start_loc, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _kv_tile(k_base, v_base, blk, keys, mask, stride_kb, stride_ks, stride_vb, stride_vs,
-             BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr):
-    """K and V [BLOCK_N, HEAD_DIM_PAD] of ``keys`` (in blocks ``blk``); with MASKED only where ``mask``, else 0."""
-    dims = tl.arange(0, HEAD_DIM_PAD)
-    k_ptrs = k_base + (blk * stride_kb + (keys % BLOCK_SIZE) * stride_ks)[:, None] + dims[None, :]
-    v_ptrs = v_base + (blk * stride_vb + (keys % BLOCK_SIZE) * stride_vs)[:, None] + dims[None, :]
-    if MASKED or HEAD_DIM != HEAD_DIM_PAD:  # the pad dims of a head (80 -> 128) must read as zeros
-        kv_mask = (dims < HEAD_DIM)[None, :]
-        if MASKED:
-            kv_mask = mask[:, None] & kv_mask
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    return k, v
-
-
-@triton.jit
-def _softmax_step(acc, m_i, l_i, q, k, v, keys, q_limit, qk_scale, MASKED: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
-    """One K/V tile into the running (acc, m, l). MASKED: row r sees only keys <= q_limit[r]."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    if MASKED:
-        s = tl.where(keys[None, :] <= q_limit[:, None], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    if MASKED:  # a row that has seen no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_sub = m_new
-    p = tl.math.exp2(s - m_sub[:, None])
-    alpha = tl.math.exp2(m_i - m_sub)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
-
-
-@triton.jit
 def _attend_tiles(acc, m_i, l_i, q, k_base, v_base, table_row, start, end, q_limit, qk_scale,
                   stride_kb, stride_ks, stride_vb, stride_vs,
                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over keys [start, end) in BLOCK_N tiles. MASKED: row r sees only keys <= q_limit[r]."""
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_ok = dims < HEAD_DIM
     # block ids are read one tile ahead: K/V addresses then come from the previous step, which lets the
     # software pipeliner keep num_stages - 1 K/V tiles in flight (an in-step table read allows only one)
     keys = start + tl.arange(0, BLOCK_N)
     blk = tl.load(table_row + keys // BLOCK_SIZE, mask=keys < end, other=0).to(tl.int64)
     for tile_start in range(start, end, BLOCK_N):
         keys = tile_start + tl.arange(0, BLOCK_N)
-        k, v = _kv_tile(k_base, v_base, blk, keys, keys < end, stride_kb, stride_ks, stride_vb, stride_vs,
-                        BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, MASKED)
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, keys, q_limit, qk_scale, MASKED, DOT_PRECISION)
+        if MASKED:
+            kv_mask = (keys < end)[:, None] & dim_ok[None, :]
+        else:
+            kv_mask = dim_ok[None, :]
+        k_ptrs = k_base + (blk * stride_kb + (keys % BLOCK_SIZE) * stride_ks)[:, None] + dims[None, :]
+        v_ptrs = v_base + (blk * stride_vb + (keys % BLOCK_SIZE) * stride_vs)[:, None] + dims[None, :]
+        if MASKED or HEAD_DIM != HEAD_DIM_PAD:  # the pad dims of a head (80 -> 128) must read as zeros
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            s = tl.where(keys[None, :] <= q_limit[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:  # a row that has seen no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_sub = m_new
+        p = tl.math.exp2(s - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
         ahead = keys + BLOCK_N
         blk = tl.load(table_row + ahead // BLOCK_SIZE, mask=ahead < end, other=0).to(tl.int64)
     return acc, m_i, l_i
@@ -157,13 +143,14 @@ def _query_tile(out, part_acc, part_ml, counter, q, k_base, v_base, table_row, q
                 GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                 BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr, TOKENS: tl.constexpr, BLOCK_N: tl.constexpr,
                 NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, MERGE_CHUNK: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, DECODE: tl.constexpr, PDL: tl.constexpr):
-    """Attention of query tokens [first_q, first_q + TOKENS) of one sequence, all GROUP heads of kv_head.
-
-    With PDL the kernel was launched early (kernels.rms_norm.wait_for_producers, inlined: this file jits at
-    import); before its wait it reads only what no kernel of the step writes: the step metadata the host wrote
-    (the sequence lookup, the split's key range), and in a decode-only launch (DECODE) the block ids and K/V of
-    the split's first key tile below context_len, cached by earlier steps. q and the new K/V come after it."""
+                DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+    """Attention of query tokens [first_q, first_q + TOKENS) of one sequence, all GROUP heads of kv_head."""
+    if PDL:
+        # launched early (kernels.rms_norm.wait_for_producers, inlined: this file jits at import). The sequence
+        # lookup above read only step metadata, which the host wrote before the step; q and the new K/V come
+        # from the kernel just before, so the wait precedes every other load.
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     rows = tl.arange(0, ROWS)
     dims = tl.arange(0, HEAD_DIM_PAD)
     q_pos = first_q + rows // GROUP
@@ -171,6 +158,7 @@ def _query_tile(out, part_acc, part_ml, counter, q, k_base, v_base, table_row, q
     row_ok = (rows < TOKENS * GROUP) & (q_pos < q_len)
     token = (q_start + q_pos).to(tl.int64)
     io_mask = row_ok[:, None] & (dims < HEAD_DIM)[None, :]
+    qv = tl.load(q + token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :], mask=io_mask, other=0.0)
 
     # keys [0, all_see) are visible to every row of the tile; keys >= kv_end to none
     all_see = context_len + first_q + 1
@@ -186,39 +174,11 @@ def _query_tile(out, part_acc, part_ml, counter, q, k_base, v_base, table_row, q
         lo = tl.minimum(split * per_split, kv_end)
         hi = tl.minimum(lo + per_split, kv_end)
     unmasked_end = tl.maximum(tl.minimum(hi, all_see // BLOCK_N * BLOCK_N), lo)
-    if split >= n_active:  # an idle split: nothing to read or write, and no need to wait
-        return
 
     acc = tl.zeros([ROWS, HEAD_DIM_PAD], dtype=tl.float32)
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     q_limit = context_len + q_pos
-    q_ptrs = q + token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :]
-    if DECODE:
-        # the first key tile's cached part streams in (with PDL, while the kernel before this one finishes);
-        # after the wait only the new key (if this split holds it) is read into the tile
-        keys = lo + tl.arange(0, BLOCK_N)
-        cached = keys < tl.minimum(hi, context_len)
-        blk = tl.load(table_row + keys // BLOCK_SIZE, mask=keys < hi, other=0).to(tl.int64)
-        k, v = _kv_tile(k_base, v_base, blk, keys, cached, stride_kb, stride_ks, stride_vb, stride_vs,
-                        BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, True)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        new = (keys >= context_len) & (keys < hi)
-        k_new, v_new = _kv_tile(k_base, v_base, blk, keys, new, stride_kb, stride_ks, stride_vb, stride_vs,
-                                BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, True)
-        k = tl.where(new[:, None], k_new, k)
-        v = tl.where(new[:, None], v_new, v)
-        qv = tl.load(q_ptrs, mask=io_mask, other=0.0)
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qv, k, v, keys, q_limit, qk_scale, True, DOT_PRECISION)
-        lo = tl.minimum(lo + BLOCK_N, hi)
-        unmasked_end = tl.maximum(unmasked_end, lo)
-    else:
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        qv = tl.load(q_ptrs, mask=io_mask, other=0.0)
     acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, qv, k_base, v_base, table_row, lo, unmasked_end, q_limit,
                                   qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
                                   HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION)
@@ -230,7 +190,7 @@ def _query_tile(out, part_acc, part_ml, counter, q, k_base, v_base, table_row, q
         o = acc / l_i[:, None]
         o_ptrs = out + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
         tl.store(o_ptrs, o.to(out.dtype.element_ty), mask=io_mask)
-    else:
+    elif split < n_active:
         part = (token * num_q_heads + head) * NUM_SPLITS + split
         tl.store(part_acc + part[:, None] * HEAD_DIM_PAD + dims[None, :], acc, mask=row_ok[:, None])
         tl.store(part_ml + part * 2, m_i, mask=row_ok)
@@ -253,7 +213,7 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, SMALL_M: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, MERGE_CHUNK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DECODE: tl.constexpr, PDL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     # kv heads vary fastest and the last query tiles (the longest causal rows of a chunk) start first,
     # so the work left for the last wave is short
@@ -277,13 +237,13 @@ def _paged_attention_kernel(
                     kv_head, split, qk_scale, num_q_heads, stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_kb, stride_ks, stride_vb, stride_vs, GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD,
                     BLOCK_SIZE, SMALL_M, SMALL_M // GROUP, BLOCK_N, NUM_SPLITS, MIN_SPLIT_TILES, MERGE_CHUNK,
-                    DOT_PRECISION, DECODE, PDL)
+                    DOT_PRECISION, PDL)
     else:
         _query_tile(out, part_acc, part_ml, counter, q, k_base, v_base, table_row, q_start, q_len, first_q, context_len,
                     kv_head, split, qk_scale, num_q_heads, stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_kb, stride_ks, stride_vb, stride_vs, GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD,
                     BLOCK_SIZE, BLOCK_M, BLOCK_Q, BLOCK_N, NUM_SPLITS, MIN_SPLIT_TILES, MERGE_CHUNK, DOT_PRECISION,
-                    DECODE, PDL)
+                    PDL)
 
 
 @dataclass(frozen=True)
@@ -372,14 +332,13 @@ def paged_attention(
     if splits & (splits - 1) or num_q_heads % num_kv_heads or query_start_loc.shape[0] != num_seqs + 1:
         raise ValueError(f"need num_kv_splits={splits} a power of two, Hq={num_q_heads} a multiple of "
                          f"Hkv={num_kv_heads}, query_start_loc of {num_seqs} + 1 entries")
-    # with PDL the kernel reads query_start_loc and seq_lens (and a decode launch block ids and cached K/V) before
-    # the wait: not if a conversion kernel launched just below writes them (q is read after the wait)
-    meta_as_given = (query_start_loc.dtype == torch.int32 and seq_lens.dtype == torch.int32
-                     and all(t.stride(-1) == 1 for t in (block_tables, k_cache, v_cache)))
+    # with PDL the sequence lookup reads query_start_loc and seq_lens before the wait: not if a conversion
+    # kernel launched just below writes them (the other inputs are read after the wait)
+    meta_as_given = query_start_loc.dtype == torch.int32 and seq_lens.dtype == torch.int32
     q, k_cache, v_cache, block_tables = (t if t.stride(-1) == 1 else t.contiguous()
                                          for t in (q, k_cache, v_cache, block_tables))
     return _launch(q, k_cache, v_cache, block_tables, query_start_loc.to(torch.int32), seq_lens.to(torch.int32),
-                   scale, cfg, splits, pdl and q.is_cuda and meta_as_given, decode=max_query_len == 1)
+                   scale, cfg, splits, pdl and q.is_cuda and meta_as_given)
 
 
 # per device, the split-KV arrival counters: zero between launches, since the last split program of each tile
@@ -401,7 +360,7 @@ def _split_counters(device: torch.device, n: int) -> torch.Tensor:
 
 def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
             query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float, cfg: TileConfig,
-            splits: int, pdl: bool, decode: bool) -> torch.Tensor:
+            splits: int, pdl: bool) -> torch.Tensor:
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs, num_kv_heads = seq_lens.shape[0], k_cache.shape[2]
     group, d_pad = num_q_heads // num_kv_heads, triton.next_power_of_2(head_dim)
@@ -424,7 +383,6 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block
         MIN_SPLIT_TILES=max(1, MIN_KEYS_PER_ACTIVE_SPLIT // cfg.block_n),
         MERGE_CHUNK=min(splits, max(1, MERGE_ELEMS // (group_pad * d_pad))),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32
-        DECODE=decode, num_warps=cfg.num_warps, num_stages=cfg.num_stages, PDL=pdl,
-        **({"launch_pdl": True} if pdl else {}),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, PDL=pdl, **({"launch_pdl": True} if pdl else {}),
     )
     return out

@@ -221,22 +221,19 @@ def _compile_for_h100(kernel: Any, pointers: dict[str, str], constexprs: dict[st
                           options=options)
 
 
-def build_for_h100(dtype: str, head_dim: int, block_m: int, block_n: int, splits: int, warps: int, pdl: bool,
-                   decode: bool) -> None:
+def build_for_h100(dtype: str, head_dim: int, block_m: int, block_n: int, splits: int, warps: int, pdl: bool) -> None:
     """Compile the kernel for sm_90 and check that the K/V loads are software-pipelined (asynchronous copies
     into shared memory), that a split program's arrival is an acq_rel atomic of gpu scope (the merge's
-    memory ordering, which the interpreter cannot test), and that with PDL the kernel stores nothing before it
-    waits for the kernels before it, and makes no asynchronous K/V copy there (it may look up its sequence,
-    and a decode launch load its first cached K/V tile, with plain loads). Needs TRITON_INTERPRET unset:
-    test_compiles_for_h100 runs it in a child."""
+    memory ordering, which the interpreter cannot test), and that with PDL the kernel stores nothing and
+    copies no K/V before it waits for the kernels before it (it may look up its sequence there). Needs
+    TRITON_INTERPRET unset: test_compiles_for_h100 runs it in a child."""
     ptr, part = f"*{dtype}", "*fp32" if splits > 1 else f"*{dtype}"
     pointers = dict(out=ptr, part_acc=part, part_ml=part, counters="*i32" if splits > 1 else ptr, q=ptr,
                     k_cache=ptr, v_cache=ptr, block_tables="*i32", query_start_loc="*i32", seq_lens="*i32")
     d_pad = triton.next_power_of_2(head_dim)
     constexprs = dict(GROUP=4, GROUP_PAD=4, HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_SIZE=16, BLOCK_M=block_m,
                       BLOCK_Q=block_m // 4, SMALL_M=16, BLOCK_N=block_n, NUM_SPLITS=splits,
-                      MERGE_CHUNK=min(splits, pa.MERGE_ELEMS // (4 * d_pad)), DOT_PRECISION="tf32",
-                      DECODE=decode, PDL=pdl)
+                      MERGE_CHUNK=min(splits, pa.MERGE_ELEMS // (4 * d_pad)), DOT_PRECISION="tf32", PDL=pdl)
     compiled = _compile_for_h100(pa._paged_attention_kernel, pointers, constexprs, num_warps=warps, num_stages=3)
     assert compiled.asm["cubin"]
     assert "async_copy_global_to_local" in compiled.asm["ttgir"], "K/V loads are no longer pipelined"
@@ -255,9 +252,8 @@ def _triton_has_cuda_backend() -> bool:
 
 @pytest.mark.skipif(not INTERPRETED, reason="on a GPU the other tests compile the kernels")
 @pytest.mark.skipif(not _triton_has_cuda_backend(), reason="this triton build has no CUDA backend to compile with")
-@pytest.mark.parametrize("case", [("bf16", 128, 16, 32, 8, 4, True, True), ("bf16", 64, 16, 32, 16, 4, True, False),
-                                  ("fp16", 80, 128, 64, 1, 8, False, False)],
-                         ids=["decode-split-pdl", "mixed-split-pdl", "prefill"])
+@pytest.mark.parametrize("case", [("bf16", 128, 16, 32, 8, 4, True), ("fp16", 80, 128, 64, 1, 8, False)],
+                         ids=["decode-split-pdl", "prefill"])
 def test_compiles_for_h100(case: tuple[Any, ...]) -> None:
     """The interpreter runs the Python, not the compiler: build the real sm_90 code too (no GPU needed),
     in a child process where triton is imported without TRITON_INTERPRET."""
