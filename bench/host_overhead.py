@@ -27,6 +27,7 @@ from engine.engine import Engine  # noqa: E402
 from engine.model_runner import ModelOutput  # noqa: E402
 from engine.models.demo import write_demo_model  # noqa: E402
 from engine.request import SamplingParams  # noqa: E402
+from engine.scheduler import SchedulerOutput  # noqa: E402
 
 
 def main() -> None:
@@ -43,14 +44,15 @@ def main() -> None:
     engine.tokenizer = None  # no text: as in bench/engine.py and the workers
     runner = engine.runner
 
-    def stub(output: object, use_graphs: bool = True) -> ModelOutput:
-        sched = output.scheduled  # type: ignore[attr-defined]
-        decode = output.num_batched_tokens == len(sched)  # type: ignore[attr-defined]
-        runner.builder.build(sched, pad_to=b if decode else None, ahead=output.ahead)  # type: ignore[attr-defined]
-        return ModelOutput([7 if s.samples else None for s in sched], torch.empty(0), decode)
+    def stub(output: SchedulerOutput, after: object = None) -> ModelOutput:
+        decode = output.is_decode
+        runner.build_inputs(output, pad_to=b if decode else None, ahead=after is not None)
+        # the real runner's tokens come from one tolist() of the device's: no per-request Python here either
+        tokens = [7] * output.num_seqs if decode else [7 if s.samples else None for s in output.scheduled]
+        return ModelOutput(tokens, torch.empty(0), decode)
 
-    runner.execute = stub  # type: ignore[method-assign]
-    runner.launch = lambda output, after=None, use_graphs=True: _Done(stub(output))  # type: ignore[method-assign]
+    runner.execute = lambda output, use_graphs=True: stub(output)  # type: ignore[method-assign]
+    runner.launch = lambda output, after=None, use_graphs=True: _Done(stub(output, after))  # type: ignore[method-assign]
     sp = SamplingParams(max_new_tokens=args.steps + 600, ignore_eos=True)
     for _ in range(b):
         engine.add_request(list(range(1, 300)), sp)

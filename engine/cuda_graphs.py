@@ -44,17 +44,16 @@ class DecodeGraphs:
         b = self.batch_sizes[-1]
         # ids, positions, slots, seq_lens as one [4, b] buffer: a step fills it with one copy
         self._inputs = torch.zeros(4, b, dtype=torch.int32, device=device)
+        self._input_views = {size: self._inputs[:, :size] for size in self.batch_sizes}  # made once, not per step
         self._query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=device)
         self._block_tables = torch.zeros(b, max_blocks_per_seq, dtype=torch.int32, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._buckets = [next(size for size in self.batch_sizes if size >= n) for n in range(b + 1)]  # by n
         self._logits: dict[int, torch.Tensor] = {}
 
     def bucket(self, num_seqs: int) -> int | None:
         """The graph size a decode step of ``num_seqs`` sequences runs at, or None if none is that large."""
-        for b in self.batch_sizes:
-            if b >= num_seqs:
-                return b
-        return None
+        return self._buckets[num_seqs] if num_seqs < len(self._buckets) else None
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -95,10 +94,12 @@ class DecodeGraphs:
         assert inputs.graph_inputs is not None, "decode graph inputs must be built with pad_to"
         b = inputs.graph_inputs.shape[1]
         n, width = inputs.metadata.block_tables.shape
-        self._inputs[:, :b].copy_(inputs.graph_inputs)
+        self._input_views[b].copy_(inputs.graph_inputs)
         self._block_tables[:n, :width].copy_(inputs.metadata.block_tables)
         graph = self._graphs.get(b)
         if graph is None:
-            return self._forward(b)[:n]
-        graph.replay()
-        return self._logits[b][:n]
+            logits = self._forward(b)
+        else:
+            graph.replay()
+            logits = self._logits[b]
+        return logits if n == b else logits[:n]

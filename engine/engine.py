@@ -178,22 +178,38 @@ class Engine:
         ended = None
         if scheduled.ahead and self.scheduler.num_finished != finished_at_launch:
             ended = [item.request.status.is_finished for item in scheduled.scheduled]
-        self.scheduler.update_from_output(scheduled, result.sampled_token_ids)
-        outputs = self._outputs(scheduled, result.sampled_token_ids, ended)
+        finished = self.scheduler.update_from_output(scheduled, result.sampled_token_ids)
+        outputs = self._outputs(scheduled, result.sampled_token_ids, ended, finished)
         self.step_timings.append(StepTiming(
-            len(scheduled.scheduled), scheduled.num_batched_tokens, result.cuda_graph,
+            scheduled.num_seqs, scheduled.num_batched_tokens, result.cuda_graph,
             time.perf_counter() - start, self.runner.last_device_wait_s, scheduled.ahead,
         ))
         return outputs
 
-    def _outputs(self, scheduled: SchedulerOutput, sampled: list[int | None], ended: list[bool] | None
-                 ) -> list[RequestOutput]:
-        """Requests that got a token (or compute KV to keep), except those ``ended`` before the step ran."""
+    def _outputs(self, scheduled: SchedulerOutput, sampled: list[int | None], ended: list[bool] | None,
+                 finished: list[Request]) -> list[RequestOutput]:
+        """Requests that got a token (or compute KV to keep), except those ``ended`` before the step ran;
+        ``finished``: the requests the step finished."""
+        if scheduled.decode is not None and ended is None:
+            return self._decode_outputs(scheduled.decode.requests, sampled, finished)  # type: ignore[arg-type]
         return [
             self._output(item.request, token)
             for item, token, gone in zip(scheduled.scheduled, sampled, ended or [False] * len(sampled), strict=True)
             if not gone and (token is not None or item.request.keep_kv)
         ]
+
+    def _decode_outputs(self, requests: tuple[Request, ...], sampled: list[int], finished: list[Request]
+                        ) -> list[RequestOutput]:
+        """The steady decode path: every request got a token. The outputs of those still running without text
+        are made straight from them (once per request per step: keep it lean); the others go through _output,
+        in the step's order as always."""
+        outputs = [RequestOutput(request, [token]) for request, token in zip(requests, sampled, strict=True)]
+        done, texts = set(finished), self._detokenizers
+        if done or texts:
+            for i, request in enumerate(requests):
+                if request in done or request.request_id in texts:
+                    outputs[i] = self._output(request, sampled[i])
+        return outputs
 
     def _output(self, req: Request, token: int | None) -> RequestOutput:
         detok = self._detokenizers.get(req.request_id) if self._detokenizers else None
@@ -209,14 +225,8 @@ class Engine:
                 if detok.stop_hit is None:
                     new_text += detok.flush()
                 del self._detokenizers[req.request_id]
-        status = req.status
-        finished = status.is_finished
-        outputs = req.output_token_ids
-        return RequestOutput(
-            req.request_id, req.prompt_token_ids, [] if token is None else [token], detok.text if detok else "",
-            new_text, finished, status.finish_reason if finished else None, req.num_preemptions,
-            req.num_computed_tokens, len(outputs), outputs,
-        )
+        return RequestOutput(req, [] if token is None else [token], detok.text if detok else "", new_text,
+                             req.status.finish_reason)
 
     def generate(
         self, prompts: Prompt | Sequence[Prompt], sampling: SamplingParams | Sequence[SamplingParams] | None = None

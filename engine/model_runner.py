@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import structlog
 import torch
 
@@ -21,9 +22,9 @@ from engine.kv_cache import KVCache, KVLayout, attention_layers
 from engine.models.loader import iter_weights
 from engine.models.registry import build_model
 from engine.request import Request, SamplingParams
-from engine.sampler import ALL_GREEDY, Sampler, make_sampling_batch
+from engine.sampler import ALL_GREEDY, Sampler, SamplingBatch, make_sampling_batch
 from engine.scheduler import ScheduledRequest, SchedulerOutput
-from engine.step_inputs import InputBuilder
+from engine.step_inputs import InputBuilder, StepInputs
 from kernels import get_ops
 
 log = structlog.get_logger(__name__)
@@ -62,6 +63,7 @@ class ModelRunner:
                  device=str(self.device))
         self.vocab_size = hf_config.vocab_size
         self.sampler = Sampler(config.seed)
+        self.token_readback = TokenReadback(config.max_num_seqs, self.device)
         self.last_device_wait_s = 0.0  # how long the last PendingStep.wait() waited for the device (its one sync)
         attn = attention_layers(self.model)
         self.kv_layout = KVLayout(len(attn), config.block_size, attn[0].num_kv_heads, attn[0].head_dim, self.dtype)
@@ -169,14 +171,13 @@ class ModelRunner:
                ) -> PendingStep:
         """Queue one step on the device without waiting for it. ``after``: the step before, still running,
         whose sampled tokens are this step's input tokens (``output.ahead``: same requests, same order)."""
-        sched = output.scheduled
+        n = output.num_seqs
         bucket = None
-        if use_graphs and self.graphs is not None and output.num_batched_tokens == len(sched) \
-                and all(s.samples for s in sched):
-            bucket = self.graphs.bucket(len(sched))
-        inputs = self.builder.build(sched, pad_to=bucket, ahead=output.ahead and after is not None)
+        if use_graphs and self.graphs is not None and output.is_decode:
+            bucket = self.graphs.bucket(n)
+        inputs = self.build_inputs(output, bucket, ahead=after is not None)
         if after is not None:
-            inputs.input_ids[: len(sched)].copy_(after.sampled)  # views the graph inputs too: copied before replay
+            inputs.input_ids[:n].copy_(after.sampled)  # views the graph inputs too: copied before replay
         if bucket is not None:
             logits = self.graphs.run(inputs)  # type: ignore[union-attr]
             logits = logits.float() if logits.dtype != torch.float32 else logits.clone()  # the graph reuses it
@@ -184,54 +185,102 @@ class ModelRunner:
             with forward_context(inputs.metadata):
                 hidden = self.model(inputs.input_ids, inputs.positions)
             logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()
-        rows = sched if bucket is not None else [s for s in sched if s.samples]  # a graph step samples all
-        params = [s.request.sampling for s in rows]
-        if all(p.greedy for p in params):  # the common case, decided before building any per-row list
-            batch = ALL_GREEDY
-        else:  # a token's output index (its seed's noise) is its position past the prompt, known ahead of time
-            batch = make_sampling_batch(params, [s.start + s.num_new_tokens - len(s.request.prompt_token_ids)
-                                                 for s in rows], self.device)
-        sampled = self.sampler(logits, batch)
-        return PendingStep(self, sched, len(rows), sampled, logits, bucket is not None, *_copy_to_host(sampled))
+        sampled = self.sampler(logits, self._sampling_batch(output))
+        return PendingStep(self, output, sampled, logits, bucket is not None, self.token_readback.start(sampled))
+
+    def build_inputs(self, output: SchedulerOutput, pad_to: int | None, ahead: bool) -> StepInputs:
+        """The step's inputs; ``ahead``: its input tokens are written on the device afterwards (``launch``)."""
+        if ahead and output.decode is not None:
+            return self.builder.build_ahead(output.decode, pad_to)
+        return self.builder.build(output.scheduled, pad_to)
+
+    def _sampling_batch(self, output: SchedulerOutput) -> SamplingBatch:
+        if output.all_greedy:  # the common case, decided before building any per-row list
+            return ALL_GREEDY
+        rows = [s for s in output.scheduled if s.samples]
+        # a token's output index (its seed's noise) is its position past the prompt, known ahead of time
+        return make_sampling_batch([s.request.sampling for s in rows],
+                                   [s.end - len(s.request.prompt_token_ids) for s in rows], self.device)
 
 
-def _copy_to_host(sampled: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """The tokens' copy into pinned host memory, queued behind the step, and an event recorded after it.
-    Waiting on that event, not on the stream, lets a step queued ahead keep the device busy meanwhile
-    (``tensor.tolist()`` would synchronise the stream, the step queued after this one included)."""
-    if sampled.device.type != "cuda":
-        return sampled, None
-    host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
-    host.copy_(sampled, non_blocking=True)
-    ready = torch.cuda.Event()
-    ready.record(torch.cuda.current_stream(sampled.device))  # the copy's stream: that of the tokens' device
-    return host, ready
+@dataclass(eq=False)
+class HostTokens:
+    """A host buffer for one step's sampled tokens (pinned on CUDA, with the event recorded after the copy)."""
+
+    buffer: torch.Tensor  # int64 [capacity]
+    array: np.ndarray  # the buffer as numpy: a slice of it costs less than a tensor's
+    ready: torch.cuda.Event | None
+    count: int = 0  # the tokens of the step that holds it
 
 
-@dataclass
+class TokenReadback:
+    """Copies sampled tokens to the host behind their step, into buffers reused from step to step.
+
+    ``start`` queues the copy and ``read`` waits for it, returns the tokens and takes the buffer back. A
+    buffer belongs to one step from ``start`` to ``read``, so one is never reused while its step may still
+    be read, however many steps are in flight (the engine has at most two); a step never read keeps its
+    buffer. Waiting on the event, not on the stream, lets a step queued ahead keep the device busy meanwhile
+    (``tensor.tolist()`` would synchronise the stream, the step queued after this one included).
+    """
+
+    def __init__(self, capacity: int, device: torch.device) -> None:
+        self._capacity = capacity
+        self._cuda = device.type == "cuda"
+        self._free: list[HostTokens] = []
+
+    def start(self, sampled: torch.Tensor) -> HostTokens:
+        count = sampled.numel()
+        host = self._free.pop() if self._free else self._new(max(count, self._capacity))
+        if host.buffer.numel() < count:  # more than max_num_seqs tokens: a step formed outside the scheduler
+            host = self._new(count)
+        host.count = count
+        target = host.buffer if count == host.buffer.numel() else host.buffer[:count]
+        target.copy_(sampled, non_blocking=True)
+        if host.ready is not None:
+            host.ready.record(torch.cuda.current_stream(sampled.device))  # the copy's stream: the tokens' device's
+        return host
+
+    def read(self, host: HostTokens) -> list[int]:
+        if host.ready is not None:
+            host.ready.synchronize()
+        tokens = host.array[:host.count].tolist()
+        self._free.append(host)
+        return tokens
+
+    def _new(self, capacity: int) -> HostTokens:
+        buffer = torch.empty(capacity, dtype=torch.int64, pin_memory=self._cuda)
+        return HostTokens(buffer, buffer.numpy(), torch.cuda.Event() if self._cuda else None)
+
+
 class PendingStep:
     """A step queued on the device; ``wait()`` reads its tokens (the step's one host sync)."""
 
-    runner: ModelRunner
-    scheduled: tuple[ScheduledRequest, ...]
-    num_sampled: int
-    sampled: torch.Tensor  # [num_sampled] int64, on the device: the next step's input ids
-    logits: torch.Tensor
-    cuda_graph: bool
-    host_tokens: torch.Tensor  # sampled, or on CUDA its pinned host copy (valid once ``ready`` has passed)
-    ready: torch.cuda.Event | None
+    def __init__(self, runner: ModelRunner, output: SchedulerOutput, sampled: torch.Tensor, logits: torch.Tensor,
+                 cuda_graph: bool, host: HostTokens) -> None:
+        self.runner = runner
+        self.output = output
+        self.sampled = sampled  # [number of sampling requests] int64, on the device: the next step's input ids
+        self.logits = logits
+        self.cuda_graph = cuda_graph
+        self._host = host
+        self._result: ModelOutput | None = None
 
     def wait(self) -> ModelOutput:
-        """Blocks until this step's tokens are on the host; steps queued after it keep running."""
+        """Blocks until this step's tokens are on the host; steps queued after it keep running. The tokens are
+        read once (that gives their buffer back to be reused); a second call returns the same output."""
+        if self._result is None:
+            self._result = self._read()
+        return self._result
+
+    def _read(self) -> ModelOutput:
         start = time.perf_counter()
-        if self.ready is not None:
-            self.ready.synchronize()
-        tokens = self.host_tokens.tolist()
+        tokens: list[int | None] = self.runner.token_readback.read(self._host)  # type: ignore[assignment]
         self.runner.last_device_wait_s = time.perf_counter() - start
-        if self.num_sampled == len(self.scheduled):
-            return ModelOutput(tokens, self.logits, self.cuda_graph)
-        it = iter(tokens)
-        return ModelOutput([next(it) if s.samples else None for s in self.scheduled], self.logits, self.cuda_graph)
+        output = self.output
+        if len(tokens) != output.num_seqs:  # a mixed step: None where a request did not sample
+            it = iter(tokens)
+            tokens = [next(it) if s.samples else None for s in output.scheduled]
+        return ModelOutput(tokens, self.logits, self.cuda_graph)
 
 
 def _dtype_name(dtype: Any) -> str | None:

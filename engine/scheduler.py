@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
 
 from engine.block_manager import BlockManager
 from engine.request import Request, RequestStatus
@@ -29,22 +32,112 @@ class ScheduledRequest:
         return self.start + self.num_new_tokens
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
+class DecodeGroup:
+    """Requests that decode together while the running set stays the same (async scheduling runs their
+    steps ahead one after another), with what stays fixed meanwhile as arrays: a step of theirs is then
+    advanced and stop-checked without a Python loop over the requests."""
+
+    requests: tuple[Request, ...]
+    stop_at: np.ndarray  # int64: the token count at which each request ends by length
+    stop_tokens: frozenset[int]  # tokens that stop at least one of them (EOS unless ignore_eos, stop_token_ids)
+
+    @classmethod
+    def of(cls, requests: tuple[Request, ...], max_model_len: int) -> DecodeGroup:
+        stop_at = np.array([min(len(r.prompt_token_ids) + r.sampling.max_new_tokens, max_model_len)
+                            for r in requests], dtype=np.int64)
+        stop_tokens: set[int] = set()
+        for r in requests:
+            if not r.sampling.ignore_eos:
+                stop_tokens |= r.eos_token_ids
+            stop_tokens.update(r.sampling.stop_token_ids)
+        return cls(requests, stop_at, frozenset(stop_tokens))
+
+    @cached_property
+    def all_greedy(self) -> bool:
+        return all(r.sampling.greedy for r in self.requests)
+
+
+@dataclass(frozen=True, eq=False)
+class DecodeBatch:
+    """A decode step in batch form: ``group.requests[i]`` computes one token at position ``starts[i]`` and
+    samples. ``step`` counts the group's batches; ``grown`` are the rows whose requests got blocks since
+    the group's batch before (for the step-input builder, which copies only those into its tables)."""
+
+    group: DecodeGroup
+    starts: np.ndarray  # int64
+    running_version: int  # the scheduler's running-set version when this was scheduled
+    step: int = 0
+    grown: tuple[int, ...] = ()
+
+    @property
+    def requests(self) -> tuple[Request, ...]:
+        return self.group.requests
+
+    def as_scheduled(self) -> tuple[ScheduledRequest, ...]:
+        return tuple(ScheduledRequest(r, 1, start, True) for r, start in zip(self.requests, self.starts.tolist(),
+                                                                               strict=True))
+
+    @cached_property
+    def ending_rows(self) -> list[int]:
+        """Rows whose request reaches its length limit with this step's token (it then holds ``start + 2``
+        tokens); both ``schedule_ahead`` and ``update_from_output`` ask."""
+        return np.flatnonzero(self.starts + 2 >= self.group.stop_at).tolist()
+
+    def may_stop(self, sampled: Sequence[int]) -> list[int]:
+        """Rows whose new token may end their request (a superset; each is checked exactly): a stop token of
+        one of the requests, or the length limit."""
+        rows = self.ending_rows
+        stop_tokens = self.group.stop_tokens
+        if not stop_tokens.isdisjoint(sampled):  # rare: one C-level pass in the common case
+            rows = sorted(set(rows).union(i for i, t in enumerate(sampled) if t in stop_tokens))
+        return rows
+
+
 class SchedulerOutput:
     """One step's work: decodes first, then prompt/recompute chunks, each request at most once.
 
     ``preempted`` requests lost their blocks this step and went back to the front of the waiting
-    queue; they will recompute all their tokens (prompt and outputs so far).
+    queue; they will recompute all their tokens (prompt and outputs so far). A step scheduled ahead
+    comes as ``decode`` (its batch form), and ``scheduled`` is made from it only when asked for.
     """
 
-    scheduled: tuple[ScheduledRequest, ...]
-    preempted: tuple[Request, ...]
-    num_batched_tokens: int
-    ahead: bool = False  # scheduled by schedule_ahead(), before the previous step's tokens were known
+    def __init__(self, scheduled: tuple[ScheduledRequest, ...] | None, preempted: tuple[Request, ...],
+                 num_batched_tokens: int, ahead: bool = False, decode: DecodeBatch | None = None) -> None:
+        if scheduled is None and decode is None:
+            raise ValueError("a step needs its scheduled requests or their decode batch")
+        self._scheduled = scheduled
+        self.preempted = preempted
+        self.num_batched_tokens = num_batched_tokens
+        self.ahead = ahead  # scheduled by schedule_ahead(), before the previous step's tokens were known
+        self.decode = decode
+
+    @property
+    def scheduled(self) -> tuple[ScheduledRequest, ...]:
+        if self._scheduled is None:
+            self._scheduled = self.decode.as_scheduled()  # type: ignore[union-attr]
+        return self._scheduled
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.decode.requests) if self.decode is not None else len(self.scheduled)
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled
+        return self.num_seqs == 0
+
+    @cached_property
+    def is_decode(self) -> bool:
+        """Every request computes one token and samples (a CUDA graph can run the step)."""
+        return self.decode is not None or (
+            self.num_batched_tokens == len(self.scheduled) and all(s.samples for s in self.scheduled))
+
+    @cached_property
+    def all_greedy(self) -> bool:
+        """Every request that samples this step samples greedily."""
+        if self.decode is not None:
+            return self.decode.group.all_greedy
+        return all(s.request.sampling.greedy for s in self.scheduled if s.samples)
 
 
 class _Step:
@@ -109,6 +202,9 @@ class Scheduler:
         self._waiting_for_kv: dict[str, Request] = {}
         self._held: dict[str, Request] = {}  # finished keep_kv requests whose blocks are still in use
         self.num_finished = 0  # requests ended so far (any reason): a cheap "did anything end since" check
+        # bumped whenever a request joins or leaves the running set: a step scheduled ahead at the current
+        # version still holds exactly the running requests, all RUNNING, and needs no per-request check
+        self._running_version = 0
 
     @property
     def num_waiting(self) -> int:
@@ -227,25 +323,54 @@ class Scheduler:
         ``update_from_output`` skips it (it is finished by then) and its blocks, freed at once, are only
         reused by steps queued after this one on the device.
         """
-        if not previous.scheduled or self._waiting or previous.preempted or \
-                len(previous.scheduled) != len(self._running):
+        if previous.is_empty or self._waiting or previous.preempted or previous.num_seqs != len(self._running):
             return None
-        running, block_size = RequestStatus.RUNNING, self.block_manager.block_size
-        allocate = self.block_manager.allocate_slots
-        scheduled = []
-        for item in previous.scheduled:  # runs per request per step: keep it lean
+        batch = previous.decode
+        if batch is None or batch.running_version != self._running_version:
+            batch = self._decode_prefix(previous.scheduled)
+        return self._next_decode(batch, previous.num_seqs)
+
+    def _decode_prefix(self, scheduled: tuple[ScheduledRequest, ...]) -> DecodeBatch:
+        """The batch form of the longest prefix of ``scheduled`` whose requests decode one token, sample, run
+        and keep no KV (once per run of steps ahead, not per step)."""
+        running = RequestStatus.RUNNING
+        count = 0
+        for item in scheduled:
             request = item.request
             if item.num_new_tokens != 1 or not item.samples or request.status is not running or request.keep_kv:
-                return None
-            num_output = len(request.output_token_ids) + 1  # with previous's token
-            if num_output >= request.sampling.max_new_tokens or \
-                    len(request.prompt_token_ids) + num_output >= self.max_model_len:
-                return None
-            # blocks up to this step's token (a block allocated for nothing is freed with its request)
-            if item.start + 2 > len(request.block_ids) * block_size and not allocate(request, 2):
-                return None
-            scheduled.append(ScheduledRequest(request, 1, item.start + 1, True))
-        return SchedulerOutput(tuple(scheduled), (), len(scheduled), ahead=True)
+                break
+            count += 1
+        prefix = scheduled[:count]
+        group = DecodeGroup.of(tuple(item.request for item in prefix), self.max_model_len)
+        return DecodeBatch(group, np.array([item.start for item in prefix], dtype=np.int64), self._running_version)
+
+    def _next_decode(self, batch: DecodeBatch, num_seqs: int) -> SchedulerOutput | None:
+        """``batch`` (of a step of ``num_seqs`` requests, or a prefix of it) one token further. Decided as a
+        per-request pass would: the requests before the first that cannot run ahead (it may end by length,
+        or the batch stops before it) get their blocks, then that one declines."""
+        starts, ending = batch.starts, batch.ending_rows
+        stop = ending[0] if ending else len(starts)
+        grown = self._allocate_ahead(batch.requests, starts[:stop])
+        if grown is None or stop < num_seqs:
+            return None
+        ahead = DecodeBatch(batch.group, starts + 1, self._running_version, batch.step + 1, grown)
+        return SchedulerOutput(None, (), num_seqs, ahead=True, decode=ahead)
+
+    def _allocate_ahead(self, requests: tuple[Request, ...], starts: np.ndarray) -> tuple[int, ...] | None:
+        """Blocks up to the token after ``starts[i]`` for ``requests[i]``, in order; returns the rows that got
+        blocks, or None at the first that cannot (a block allocated for nothing is freed with its request).
+        Blocks cover position ``start`` already, so only a next position that opens a block can lack one."""
+        block_size = self.block_manager.block_size
+        allocate = self.block_manager.allocate_slots
+        opening = np.flatnonzero((starts + 1) % block_size == 0)
+        grown = []
+        for i, start in zip(opening.tolist(), starts[opening].tolist(), strict=True):
+            request = requests[i]
+            if start + 2 > len(request.block_ids) * block_size:
+                if not allocate(request, 2):
+                    return None
+                grown.append(i)
+        return tuple(grown)
 
     def _schedule_decodes(self, step: _Step) -> list[Request]:
         """Running requests with one token left (decodes), oldest first; returns the ones with more left
@@ -292,6 +417,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         """Recompute preemption: drop the KV, keep the tokens, go back to the front of the queue."""
         del self._running[request.request_id]
+        self._running_version += 1
         self.block_manager.free(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
@@ -308,6 +434,7 @@ class Scheduler:
             self._waiting.popleft()
             request.status = RequestStatus.RUNNING
             self._running[request.request_id] = request
+            self._running_version += 1
             step.add(request, num_new)
 
     def update_from_output(self, output: SchedulerOutput, sampled_token_ids: Sequence[int | None]) -> list[Request]:
@@ -317,20 +444,37 @@ class Scheduler:
         finished in this step; their blocks are already free.
         """
         _check_sampled(output, sampled_token_ids)
+        batch = output.decode
+        if batch is not None and batch.running_version == self._running_version:
+            return self._update_decode(batch, sampled_token_ids)  # type: ignore[arg-type]
         finished: list[Request] = []
         for item, token_id in zip(output.scheduled, sampled_token_ids, strict=True):
             request = item.request
             if request.status.is_finished:
                 continue
             request.num_computed_tokens += item.num_new_tokens
-            if token_id is None:
-                continue
-            request.output_token_ids.append(token_id)
-            status = self._check_stop(request, token_id)
-            if status is not None:
-                self._finish(request, status)
-                finished.append(request)
+            if token_id is not None:
+                request.output_token_ids.append(token_id)
+                self._stop_if_done(request, token_id, finished)
         return finished
+
+    def _update_decode(self, batch: DecodeBatch, sampled_token_ids: Sequence[int]) -> list[Request]:
+        """A decode batch whose requests all still run: append the tokens, then check for a stop only the
+        rows ``may_stop`` flags (the steady decode path: no per-request stop check)."""
+        requests = batch.requests
+        for request, token_id in zip(requests, sampled_token_ids, strict=True):
+            request.num_computed_tokens += 1
+            request.output_token_ids.append(token_id)
+        finished: list[Request] = []
+        for i in batch.may_stop(sampled_token_ids):
+            self._stop_if_done(requests[i], sampled_token_ids[i], finished)
+        return finished
+
+    def _stop_if_done(self, request: Request, token_id: int, finished: list[Request]) -> None:
+        status = self._check_stop(request, token_id)
+        if status is not None:
+            self._finish(request, status)
+            finished.append(request)
 
     def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
         sampling = request.sampling
@@ -372,7 +516,8 @@ class Scheduler:
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         self.num_finished += 1
-        self._running.pop(request.request_id, None)
+        if self._running.pop(request.request_id, None) is not None:
+            self._running_version += 1
         del self._requests[request.request_id]
         request.status = status
         if request.keep_kv and status != RequestStatus.FINISHED_ABORTED:
@@ -382,8 +527,10 @@ class Scheduler:
 
 
 def _check_sampled(output: SchedulerOutput, sampled_token_ids: Sequence[int | None]) -> None:
-    if len(sampled_token_ids) != len(output.scheduled):
-        raise ValueError(f"got {len(sampled_token_ids)} sampled entries for {len(output.scheduled)} scheduled requests")
+    if len(sampled_token_ids) != output.num_seqs:
+        raise ValueError(f"got {len(sampled_token_ids)} sampled entries for {output.num_seqs} scheduled requests")
+    if output.decode is not None and None not in sampled_token_ids:  # every row samples: one C-level pass
+        return
     for item, token_id in zip(output.scheduled, sampled_token_ids, strict=True):
         if item.samples != (token_id is not None):
             raise ValueError(f"request {item.request.request_id!r}: samples={item.samples} but got token {token_id!r}")

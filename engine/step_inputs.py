@@ -6,6 +6,10 @@ and the block tables) is packed into one int32 staging buffer::
     [ input_ids T | positions T | slots T | seq_lens B | query_start_loc B+1 | logits_indices S | tables B*W ]
 
 and copied with one non-blocking host-to-device transfer; the device tensors are views of that copy.
+There are two staging buffers (and on a GPU two device buffers), used in turn: a step's inputs stay intact
+while the next step is built, and a buffer is refilled only after the step that used it two builds ago
+(queued before, on the same stream) read it. The views of a buffer are kept while its layout (the step's
+sizes) repeats, as it does from one decode step to the next.
 For a CUDA-graph decode step ``pad_to`` pads the batch to the graph's size: padding tokens get slot -1
 (the KV write skips them) and one key of block 0 to attend to, so their rows are computed and ignored.
 
@@ -25,7 +29,7 @@ import torch
 
 from engine.attention import AttentionMetadata
 from engine.request import Request
-from engine.scheduler import ScheduledRequest
+from engine.scheduler import DecodeBatch, DecodeGroup, ScheduledRequest
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,32 @@ class StepInputs:
     logits_indices: torch.Tensor  # rows of the flat batch whose next token is sampled
     num_seqs: int  # real sequences (the first rows); the rest is padding
     graph_inputs: torch.Tensor | None = None  # with pad_to: [4, pad_to] view of ids | positions | slots | seq_lens
+
+
+class _Layout:
+    """The views of one staging buffer (and its device copy) for one step shape: made once, reused while
+    consecutive steps keep that shape."""
+
+    def __init__(self, staging: torch.Tensor, device_buffer: torch.Tensor, key: tuple[int, int, int, int, int, bool]
+                 ) -> None:
+        t, b, n, num_samples, width, padded = key
+        self.key = key
+        sizes = [t, t, t, b, b + 1, num_samples, n * width]
+        size = sum(sizes)
+        host = np.split(staging.numpy()[:size], np.cumsum(sizes)[:-1])
+        self.ids, self.pos, self.slots, self.seq_lens, self.qsl, self.logits_idx, tables = host
+        self.tables = tables.reshape(n, width)
+        # on the CPU the staging buffer is the device buffer: nothing to copy
+        self._copy = None if device_buffer is staging else (device_buffer[:size], staging[:size])
+        dev = device_buffer[:size].split(sizes)
+        self.d_ids, self.d_pos, self.d_slots, self.d_seq_lens, self.d_qsl, self.d_logits = dev[:6]
+        self.d_tables = dev[6].view(n, width)
+        self.d_packed = device_buffer[:4 * b].view(4, b) if padded else None
+
+    def send(self) -> None:
+        if self._copy is not None:
+            device, host = self._copy
+            device.copy_(host, non_blocking=True)
 
 
 @dataclass
@@ -66,49 +96,56 @@ class InputBuilder:
         self._free_rows = list(range(2 * max_num_seqs))
         self._rows: dict[Request, _Row] = {}
         size = 3 * max_num_tokens + 3 * max_num_seqs + 1 + max_num_seqs * max_blocks_per_seq
-        pin = device.type == "cuda"
+        cuda = device.type == "cuda"
         # two staging buffers, alternated: a step fills one while the other's copy may still be in flight
-        self._staging = [torch.zeros(size, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        self._staging = [torch.zeros(size, dtype=torch.int32, pin_memory=cuda) for _ in range(2)]
+        self._device_buffers = [torch.zeros(size, dtype=torch.int32, device=device) if cuda else staging
+                                for staging in self._staging]
+        self._layouts: list[_Layout | None] = [None, None]  # each buffer's views for the last shape it held
         self._turn = 0
         self._arange = np.arange(max(max_num_tokens, max_num_seqs) + 1, dtype=np.int32)
         self._zeros = np.zeros(max_num_seqs, dtype=np.int32)
+        self._ones = np.ones(max_num_seqs, dtype=np.int32)
         self._order: list[_Row] = []  # the last build's rows, in its order
         self._row_indices = np.zeros(0, dtype=np.intp)
-        self._starts = np.zeros(0, dtype=np.int32)
+        self._width = 1  # the last build's widest block table
+        self._decode: tuple[DecodeGroup, int] | None = None  # the last build's decode batch (group, step), if any
 
-    def build(self, scheduled: tuple[ScheduledRequest, ...], pad_to: int | None = None, ahead: bool = False
-              ) -> StepInputs:
-        """Inputs for ``scheduled``; ``pad_to`` (decode steps only) pads to that many one-token sequences.
-        ``ahead``: the previous build's requests, one token further, whose tokens the caller writes on the
-        device (``SchedulerOutput.ahead``); their rows, positions and widths are updated, not rebuilt."""
-        n = len(scheduled)
-        if ahead and self._same_requests(scheduled):
-            rows, width = self._advance()
-            lens, starts = self._arange[1:2].repeat(n), self._starts + 1
-            token_ids: list[int] | np.ndarray = self._zeros[:n]  # placeholders: the device fills them in
+    def build(self, scheduled: tuple[ScheduledRequest, ...], pad_to: int | None = None) -> StepInputs:
+        """Inputs for ``scheduled``; ``pad_to`` (decode steps only) pads to that many one-token sequences."""
+        rows, lens, starts, token_ids, samples = self._collect(scheduled)
+        return self._pack(rows, np.array(lens, dtype=np.int32), np.array(starts, dtype=np.int32), token_ids,
+                          samples, pad_to)
+
+    def build_ahead(self, batch: DecodeBatch, pad_to: int | None = None) -> StepInputs:
+        """Inputs for a decode step scheduled ahead (``SchedulerOutput.decode``) whose token ids the caller
+        writes on the device (zeros here). The last build's requests, one token further, keep their rows:
+        only those that got blocks since are copied in, and positions come from ``batch.starts``."""
+        n = len(batch.requests)
+        if self._decode == (batch.group, batch.step - 1):  # the batch right before: only its grown rows changed
+            grown: range | tuple[int, ...] = batch.grown
+        elif self._same_requests(batch.requests):
+            grown = range(n)
         else:
-            rows, lens_list, starts_list, token_ids, width = self._collect(scheduled)
-            lens, starts = np.array(lens_list, dtype=np.int32), np.array(starts_list, dtype=np.int32)
-        self._starts = starts
+            return self.build(batch.as_scheduled(), pad_to)
+        self._sync_rows(grown)
+        self._decode = (batch.group, batch.step)
+        return self._pack(self._row_indices, self._ones[:n], batch.starts, self._zeros[:n], None, pad_to)
+
+    def _pack(self, rows: np.ndarray, lens: np.ndarray, starts: np.ndarray, token_ids: list[int] | np.ndarray,
+              samples: list[int] | None, pad_to: int | None) -> StepInputs:
+        """Fill a staging buffer (``samples``: the rows that sample, None for all) and send it to the device."""
+        n, width = len(rows), self._width
         num_tokens = len(token_ids)
         b = n if pad_to is None else pad_to  # sequences, padding included
         t = num_tokens if pad_to is None else pad_to  # tokens, padding included
         if pad_to is not None and (pad_to < n or num_tokens != n):
             raise ValueError(f"pad_to={pad_to} needs a decode-only step of at most {pad_to} sequences")
+        num_samples = n if samples is None else len(samples)
 
-        staging = self._staging[self._turn]
-        self._turn ^= 1
-        buf = staging.numpy()
-        ids, pos, slots = buf[:t], buf[t:2 * t], buf[2 * t:3 * t]
-        o = 3 * t
-        seq_lens, qsl = buf[o:o + b], buf[o + b:o + 2 * b + 1]
-        o += 2 * b + 1
-        samples = [i for i, s in enumerate(scheduled) if s.samples]
-        logits_idx = buf[o:o + len(samples)]
-        o += len(samples)
-        tables = buf[o:o + n * width].reshape(n, width)
-        size = o + n * width
-
+        layout = self._layout((t, b, n, num_samples, width, pad_to is not None))
+        ids, pos, slots, seq_lens, qsl, tables = \
+            layout.ids, layout.pos, layout.slots, layout.seq_lens, layout.qsl, layout.tables
         ids[:num_tokens] = token_ids
         np.take(self._table[:, :width], rows, axis=0, out=tables)
         seq_lens[:n] = starts + lens
@@ -125,7 +162,7 @@ class InputBuilder:
         bs = self.block_size
         p = pos[:num_tokens]
         slots[:num_tokens] = tables[seq_of_token, p // bs] * bs + p % bs
-        logits_idx[:] = qsl[1:n + 1][samples] - 1 if len(samples) < n else qsl[1:n + 1] - 1
+        layout.logits_idx[:] = qsl[1:n + 1] - 1 if samples is None else qsl[1:n + 1][samples] - 1
         if t > num_tokens:  # CUDA-graph padding: one token per padding sequence, never cached
             ids[num_tokens:] = 0
             pos[num_tokens:] = 0
@@ -133,33 +170,40 @@ class InputBuilder:
             seq_lens[n:] = 1
             qsl[n + 1:] = self._arange[n + 1:b + 1]
 
-        dev = staging[:size].to(self.device, non_blocking=True)
-        d_ids, d_pos, d_slots, d_seq_lens, d_qsl, d_logits, d_tables = dev.split(
-            [t, t, t, b, b + 1, len(samples), n * width])
+        layout.send()
         metadata = AttentionMetadata(
-            slot_mapping=d_slots,
-            query_start_loc=d_qsl,
-            seq_lens=d_seq_lens,
-            block_tables=d_tables.view(n, width),
-            max_query_len=int(lens.max()),
+            slot_mapping=layout.d_slots,
+            query_start_loc=layout.d_qsl,
+            seq_lens=layout.d_seq_lens,
+            block_tables=layout.d_tables,
+            max_query_len=1 if num_tokens == n else int(lens.max()),
             max_seq_len=int(seq_lens[:n].max()),
         )
-        packed = dev[:4 * b].view(4, b) if pad_to is not None else None
-        return StepInputs(d_ids, d_pos, metadata, d_logits, n, packed)
+        return StepInputs(layout.d_ids, layout.d_pos, metadata, layout.d_logits, n, layout.d_packed)
+
+    def _layout(self, key: tuple[int, int, int, int, int, bool]) -> _Layout:
+        """The next staging buffer's views for a step of this shape (made anew only when the shape changed)."""
+        turn = self._turn
+        self._turn ^= 1
+        layout = self._layouts[turn]
+        if layout is None or layout.key != key:
+            layout = self._layouts[turn] = _Layout(self._staging[turn], self._device_buffers[turn], key)
+        return layout
 
     def _collect(self, scheduled: tuple[ScheduledRequest, ...]
-                 ) -> tuple[np.ndarray, list[int], list[int], list[int], int]:
+                 ) -> tuple[np.ndarray, list[int], list[int], list[int], list[int] | None]:
         """One pass over the step (it runs per request per step: keep it lean): each request's row of the
         persistent table with its new block ids copied in, its new token count, first position and token
-        ids, and the widest block table of the step."""
+        ids, the rows that sample (None for all), and the widest block table of the step."""
         previous, current = self._rows, {}
         rows: list[int] = []
         lens: list[int] = []
         starts: list[int] = []
         token_ids: list[int] = []
+        samples: list[int] = []
         width = 1
         table = self._table
-        for s in scheduled:
+        for i, s in enumerate(scheduled):
             request = s.request
             row = previous.pop(request, None)
             blocks = request.block_ids
@@ -175,6 +219,8 @@ class InputBuilder:
             start, num_new = s.start, s.num_new_tokens
             lens.append(num_new)
             starts.append(start)
+            if s.samples:
+                samples.append(i)
             prompt = request.prompt_token_ids
             if num_new == 1:  # a decode: its last token, usually an output; not known yet in a step run ahead
                 n_prompt = len(prompt)
@@ -189,18 +235,20 @@ class InputBuilder:
         self._rows = current
         self._order = list(current.values())
         self._row_indices = np.array(rows, dtype=np.intp)
-        return self._row_indices, lens, starts, token_ids, width
+        self._width = width
+        self._decode = None
+        return self._row_indices, lens, starts, token_ids, None if len(samples) == len(rows) else samples
 
-    def _same_requests(self, scheduled: tuple[ScheduledRequest, ...]) -> bool:
+    def _same_requests(self, requests: tuple[Request, ...]) -> bool:
         order = self._order
-        return len(order) == len(scheduled) and all(
-            row.blocks is s.request.block_ids for row, s in zip(order, scheduled, strict=True))
+        return len(order) == len(requests) and all(
+            row.blocks is request.block_ids for row, request in zip(order, requests, strict=True))
 
-    def _advance(self) -> tuple[np.ndarray, int]:
-        """The last build's rows with the blocks appended since copied in, and the new widest table."""
-        table, width = self._table, 1
-        for row in self._order:
-            num_blocks = row.sync(table)
+    def _sync_rows(self, indices: range | tuple[int, ...]) -> None:
+        """Copy the block ids appended since into these rows of the last build; widen the tables if needed."""
+        table, order, width = self._table, self._order, self._width
+        for i in indices:
+            num_blocks = order[i].sync(table)
             if num_blocks > width:
                 width = num_blocks
-        return self._row_indices, width
+        self._width = width

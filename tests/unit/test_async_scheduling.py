@@ -23,10 +23,15 @@ def llama(make_checkpoint: Any) -> Path:
     return make_checkpoint("llama")
 
 
-def _engine(model_dir: Path, async_scheduling: bool) -> Engine:
+def _engine(model_dir: Path, async_scheduling: bool, detokenize: bool = True) -> Engine:
     return Engine(EngineConfig(model=str(model_dir), dtype="float32", block_size=4, num_kv_blocks=96,
                                max_num_batched_tokens=32, prefill_chunk_size=16, max_num_seqs=6,
-                               async_scheduling=async_scheduling))
+                               async_scheduling=async_scheduling), detokenize=detokenize)
+
+
+def _fields(out: RequestOutput) -> tuple:
+    return (out.request_id, out.prompt_token_ids, out.new_token_ids, out.text, out.new_text, out.finished,
+            out.finish_reason, out.num_preemptions, out.num_computed_tokens, out.num_output_tokens, out.token_ids)
 
 
 def _drive(eng: Engine, stop_token: int) -> tuple[dict[str, list[int]], dict[str, list[RequestOutput]]]:
@@ -57,15 +62,18 @@ def _drive(eng: Engine, stop_token: int) -> tuple[dict[str, list[int]], dict[str
     return {rid: (outs[-1].token_ids if outs else []) for rid, outs in streams.items()}, streams
 
 
-def test_async_scheduling_changes_nothing_a_caller_sees(llama: Path) -> None:
-    sync_eng = _engine(llama, False)
+@pytest.mark.parametrize("detokenize", [True, False], ids=["text", "workers"])
+def test_async_scheduling_changes_nothing_a_caller_sees(llama: Path, detokenize: bool) -> None:
+    """``detokenize=False`` (workers): only the stop-string request has text, the others take the steady
+    decode path's outputs, which must hold what the synchronous engine's do, field for field."""
+    sync_eng = _engine(llama, False, detokenize)
     unstopped, _ = _drive(sync_eng, stop_token=-1)
     r2 = unstopped["r2"]
     stop_token = next(t for i, t in enumerate(r2) if i > 4 and t not in r2[:i])  # stops r2 at its i-th token
 
-    want, want_streams = _drive(_engine(llama, False), stop_token)
+    want, want_streams = _drive(_engine(llama, False, detokenize), stop_token)
     assert len(want["r2"]) < len(r2)
-    eng = _engine(llama, True)
+    eng = _engine(llama, True, detokenize)
     got, streams = _drive(eng, stop_token)
     # a request that arrives while a step runs ahead starts one step later, so the abort of r5 (at a fixed
     # step) may find fewer of its tokens; the ones it has are the same
@@ -74,7 +82,7 @@ def test_async_scheduling_changes_nothing_a_caller_sees(llama: Path) -> None:
     assert got == want
     for rid, outs in streams.items():
         if rid != "r5":
-            assert [o.new_token_ids for o in outs] == [o.new_token_ids for o in want_streams[rid]], rid
+            assert [_fields(o) for o in outs] == [_fields(o) for o in want_streams[rid]], rid
         assert sum(o.finished for o in outs) == (rid != "r5") and (not outs or outs[-1].finished or rid == "r5")
     assert any(t.ahead for t in eng.step_timings), "no step was run ahead"
     assert not any(t.ahead for t in sync_eng.step_timings)
@@ -96,15 +104,13 @@ def test_request_ending_by_stop_token_while_the_next_step_runs(llama: Path) -> N
 
 @pytest.mark.gpu
 def test_reading_a_steps_tokens_leaves_the_work_queued_after_it_running() -> None:
-    """PendingStep.wait() waits for its own step only: a step queued ahead keeps the GPU busy meanwhile."""
-    from types import SimpleNamespace
+    """TokenReadback.read() waits for its own step only: a step queued ahead keeps the GPU busy meanwhile."""
+    from engine.model_runner import TokenReadback
 
-    from engine.model_runner import PendingStep, _copy_to_host
-
-    sampled = torch.arange(5, device="cuda")
-    host, ready = _copy_to_host(sampled)
+    readback = TokenReadback(8, torch.device("cuda"))
+    host = readback.start(torch.arange(5, device="cuda"))
+    assert host.buffer.is_pinned()
     torch.cuda._sleep(2_000_000_000)  # about a second of GPU work queued behind the step (a step run ahead)
-    step = PendingStep(SimpleNamespace(), (), 0, sampled, sampled, True, host, ready)  # type: ignore[arg-type]
-    assert step.wait().sampled_token_ids == [0, 1, 2, 3, 4]
-    assert not torch.cuda.current_stream().query(), "wait() synchronised the whole stream"
+    assert readback.read(host) == [0, 1, 2, 3, 4]
+    assert not torch.cuda.current_stream().query(), "read() synchronised the whole stream"
     torch.cuda.synchronize()

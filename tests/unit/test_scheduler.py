@@ -244,6 +244,18 @@ def test_update_checks_sampled_entries() -> None:
         scheduler.update_from_output(output, [TOKEN])
 
 
+def test_update_checks_the_sampled_entries_of_a_step_run_ahead() -> None:
+    scheduler = make_scheduler()
+    current = _decoding(scheduler, make_request("a", 3), make_request("b", 5))
+    ahead = scheduler.schedule_ahead(current)
+    assert ahead is not None and ahead.decode is not None
+    scheduler.update_from_output(current, [TOKEN, TOKEN])
+    with pytest.raises(ValueError, match="1 sampled entries for 2"):
+        scheduler.update_from_output(ahead, [TOKEN])
+    with pytest.raises(ValueError, match="'b': samples=True but got token None"):
+        scheduler.update_from_output(ahead, [TOKEN, None])
+
+
 @pytest.mark.parametrize(
     ("sampling", "eos", "tokens", "status", "reason"),
     [

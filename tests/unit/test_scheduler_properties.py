@@ -40,6 +40,9 @@ class FakeModel:
         sampled: list[int | None] = []
         for item in output.scheduled:
             request = item.request
+            if request.is_finished:  # ended after a step queued ahead took it: its token is dropped
+                sampled.append(0 if item.samples else None)
+                continue
             for position in range(item.start, item.end):
                 token = request.token_ids[position]
                 self.cache[self.manager.slot(request, position)] = (request.request_id, position, token)
@@ -167,6 +170,21 @@ def check_state(scheduler: Scheduler, requests: list[Request]) -> None:
             assert len(request.block_ids) == manager.blocks_needed(request.num_computed_tokens)
 
 
+def arrive(workload: Workload, scheduler: Scheduler, requests: list[Request], step: int) -> list[Request]:
+    """Add the requests that arrive at ``step`` and abort those aborted before it; returns the arrivals."""
+    arrived = [r for spec, r in zip(workload.specs, requests, strict=True) if spec.arrival == step]
+    for request in arrived:
+        scheduler.add_request(request)
+    abort(workload, scheduler, requests, step, mid_step=False)
+    return arrived
+
+
+def abort(workload: Workload, scheduler: Scheduler, requests: list[Request], step: int, mid_step: bool) -> None:
+    for spec, request in zip(workload.specs, requests, strict=True):
+        if spec.abort_at == step and spec.abort_mid_step == mid_step:
+            scheduler.abort_request(request.request_id)
+
+
 def run_workload(workload: Workload) -> tuple[Scheduler, list[Request]]:
     """Run the workload to the end (within a bound of steps), checking invariants at every step."""
     scheduler = make_scheduler(workload, workload.num_blocks())
@@ -178,23 +196,45 @@ def run_workload(workload: Workload) -> tuple[Scheduler, list[Request]]:
     step = 0
     while step <= last_arrival or scheduler.has_unfinished_requests():
         assert step < max_steps, "the scheduler does not terminate"
-        for spec, request in zip(workload.specs, requests, strict=True):
-            if spec.arrival == step:
-                scheduler.add_request(request)
-                added.append(request)
-            if spec.abort_at == step and not spec.abort_mid_step:
-                scheduler.abort_request(request.request_id)
+        added += arrive(workload, scheduler, requests, step)
         if scheduler.has_unfinished_requests():
             output = scheduler.schedule()
             check_output(scheduler, output)
             sampled = model.run(output)
-            for spec, request in zip(workload.specs, requests, strict=True):
-                if spec.abort_at == step and spec.abort_mid_step:
-                    scheduler.abort_request(request.request_id)
+            abort(workload, scheduler, requests, step, mid_step=True)
             finished = scheduler.update_from_output(output, sampled)
             assert all(r.is_finished and not r.block_ids for r in finished)
             check_state(scheduler, added)
         step += 1
+    return scheduler, requests
+
+
+def run_workload_ahead(workload: Workload) -> tuple[Scheduler, list[Request]]:
+    """``run_workload`` as the async engine drives the scheduler: while a decode step runs, the next one is
+    queued (``schedule_ahead``); the fake model runs a step after the step before it was applied, as the
+    device does, and a request that ended meanwhile is skipped."""
+    scheduler = make_scheduler(workload, workload.num_blocks())
+    model = FakeModel(scheduler.block_manager)
+    requests = [spec.make(f"r{i}") for i, spec in enumerate(workload.specs)]
+    last_arrival = max(spec.arrival for spec in workload.specs)
+    max_steps = last_arrival + 10 * sum(len(s.prompt) + s.max_new_tokens for s in workload.specs)
+    in_flight: SchedulerOutput | None = None
+    step = ran_ahead = 0
+    while step <= last_arrival or scheduler.has_unfinished_requests():
+        assert step < max_steps, "the scheduler does not terminate"
+        arrive(workload, scheduler, requests, step)
+        if in_flight is not None or scheduler.has_schedulable_requests():
+            output = in_flight or scheduler.schedule()
+            in_flight = scheduler.schedule_ahead(output)
+            ran_ahead += in_flight is not None
+            sampled = model.run(output)
+            abort(workload, scheduler, requests, step, mid_step=True)
+            finished = scheduler.update_from_output(output, sampled)
+            assert all(r.is_finished and not r.block_ids for r in finished)
+            held = [b for r in requests if not r.is_finished for b in r.block_ids]
+            assert len(held) == len(set(held)) == scheduler.block_manager.num_used_blocks
+        step += 1
+    event(f"steps run ahead: {bool(ran_ahead)}")
     return scheduler, requests
 
 
@@ -222,6 +262,13 @@ def test_random_workloads(workload: Workload) -> None:
     event(f"preempted: {preempted}")
     STATS["examples"] += 1
     STATS["preempting"] += preempted
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads)
+def test_random_workloads_with_steps_run_ahead(workload: Workload) -> None:
+    scheduler, requests = run_workload_ahead(workload)
+    check_final(workload, scheduler, requests)
 
 
 def test_some_random_workloads_preempted() -> None:

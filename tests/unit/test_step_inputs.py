@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
 from engine.request import Request, SamplingParams
-from engine.scheduler import ScheduledRequest
+from engine.scheduler import DecodeBatch, DecodeGroup, ScheduledRequest
 from engine.step_inputs import InputBuilder
 
 BS = 4
+# the GPU runs the same checks through pinned staging and the device buffers the steps take turns with
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def _request(rid: str, prompt_len: int, outputs: int, rng: random.Random) -> Request:
@@ -52,11 +55,12 @@ def _check(builder: InputBuilder, scheduled: list[ScheduledRequest]) -> None:
         assert all(b == 0 for b in row[own:])  # padding past a request's blocks is zero, never a stale id
 
 
-def test_mixed_steps_with_churn_match_direct_computation() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_steps_with_churn_match_direct_computation(device: str) -> None:
     """Requests come, grow, leave, come back with new blocks (preemption) and reuse ids; rows stay right."""
     rng = random.Random(0)
     builder = InputBuilder(max_num_seqs=6, max_num_tokens=64, max_blocks_per_seq=32, block_size=BS,
-                           device=torch.device("cpu"))
+                           device=torch.device(device))
     free = list(range(200))
     rng.shuffle(free)
     live: list[Request] = []
@@ -86,9 +90,9 @@ def test_mixed_steps_with_churn_match_direct_computation() -> None:
                 s.request.output_token_ids.append(rng.randrange(1000))
 
 
-def _builder(max_num_seqs: int = 8, max_blocks_per_seq: int = 16) -> InputBuilder:
+def _builder(max_num_seqs: int = 8, max_blocks_per_seq: int = 16, device: str = "cpu") -> InputBuilder:
     return InputBuilder(max_num_seqs=max_num_seqs, max_num_tokens=32, max_blocks_per_seq=max_blocks_per_seq,
-                        block_size=BS, device=torch.device("cpu"))
+                        block_size=BS, device=torch.device(device))
 
 
 def _decode_step(prefix: str, prompt_lens: list[int], outputs: int, block_stride: int,
@@ -127,21 +131,47 @@ def test_padding_refuses_prompt_chunks() -> None:
         builder.build((ScheduledRequest(r, 6, 0, True),), pad_to=4)
 
 
-def test_ahead_build_equals_a_full_build_but_for_the_token_ids() -> None:
-    """A step run ahead updates the previous build's rows (new blocks, positions + 1); tokens come later."""
-    fast = _builder()
-    requests, step = _decode_step("a", [3, 5, 7, 9, 11], 1, 12, random.Random(3))
+@pytest.mark.parametrize("device", DEVICES)
+def test_ahead_builds_equal_full_builds_but_for_the_token_ids(device: str) -> None:
+    """Steps run ahead one after another (``build_ahead``) keep the previous build's rows and copy in only the
+    rows that got blocks; each must equal a full build of the same step but for the token ids, which the device
+    writes. Now and then something else is built in between, or a step is not built: the next one rebuilds."""
+    rng = random.Random(3)
+    fast = _builder(max_blocks_per_seq=32, device=device)
+    requests, step = _decode_step("a", [3, 5, 7, 9, 11, 4], 1, 0, rng)
+    next_block = 0
+    for r in requests:  # distinct, unordered block ids
+        r.block_ids = [next_block + 7 * i for i in range(len(r.block_ids))]
+        next_block += 7 * len(r.block_ids)
     fast.build(step, pad_to=8)
-    for r in requests:  # what schedule_ahead does: blocks for one more token; the token itself is unknown
-        while len(r.block_ids) * BS < r.num_computed_tokens + 2:
-            r.block_ids.append(max(r.block_ids) + 1)
-    ahead = tuple(ScheduledRequest(s.request, 1, s.start + 1, True) for s in step)
-    got = fast.build(ahead, pad_to=8, ahead=True)
-    for r in requests:
-        r.output_token_ids.append(0)  # the placeholder the ahead build writes
-    full = _builder().build(ahead, pad_to=8)
-    assert got.graph_inputs is not None and full.graph_inputs is not None
-    assert got.graph_inputs.tolist() == full.graph_inputs.tolist()
-    assert got.metadata.block_tables.tolist() == full.metadata.block_tables.tolist()
-    assert got.metadata.query_start_loc.tolist() == full.metadata.query_start_loc.tolist()
-    assert got.metadata.max_seq_len == full.metadata.max_seq_len
+    group = DecodeGroup.of(tuple(requests), max_model_len=1000)
+    starts = np.array([s.start for s in step], dtype=np.int64)
+    rebuilt = 0
+    for k in range(1, 60):
+        grown = []
+        for i, r in enumerate(requests):  # what schedule_ahead does: blocks up to the token after this one
+            if len(r.block_ids) * BS < starts[i] + 2:
+                r.block_ids.append(next_block)
+                next_block += 3
+                grown.append(i)
+        starts = starts + 1
+        batch = DecodeBatch(group, starts, 0, k, tuple(grown))
+        if rng.random() < 0.1:  # this step is not built: the next one must not trust its grown rows alone
+            rebuilt += 1
+        else:
+            if rng.random() < 0.1:  # other requests built in between: the rows are not this batch's any more
+                fast.build(_decode_step("x", [2, 6], 0, 500, rng)[1])
+                rebuilt += 1
+            got = fast.build_ahead(batch, pad_to=8)
+            full = _builder(max_blocks_per_seq=32, device=device).build(batch.as_scheduled(), pad_to=8)
+            assert got.graph_inputs is not None and full.graph_inputs is not None
+            assert got.graph_inputs[0].tolist() == [0] * 8  # token ids: the device writes them
+            assert got.graph_inputs[1:].tolist() == full.graph_inputs[1:].tolist(), k
+            assert got.metadata.block_tables.tolist() == full.metadata.block_tables.tolist(), k
+            assert got.metadata.query_start_loc.tolist() == full.metadata.query_start_loc.tolist()
+            assert got.logits_indices.tolist() == full.logits_indices.tolist()
+            assert got.metadata.max_seq_len == full.metadata.max_seq_len
+        for r in requests:  # the step ran: its token is known
+            r.output_token_ids.append(rng.randrange(1000))
+            r.num_computed_tokens += 1
+    assert rebuilt >= 5 and next_block > 100
