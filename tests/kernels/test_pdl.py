@@ -161,11 +161,11 @@ def test_pdl_kernels_compile_for_h100() -> None:
 # --- GPU ------------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)),
+                    reason="programmatic dependent launch needs a GPU of compute capability 9.0+")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_pdl_chain_in_a_cuda_graph_matches_serial(dtype: torch.dtype) -> None:
     """Forty layers of dependent PDL launches, captured and replayed, give the serial launches' bits."""
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
     d = _decode_inputs(dtype)
     want = _decode_chain(get_ops("triton"), d, 40)
     pdl_ops = get_ops("triton", pdl=True)
