@@ -2,7 +2,7 @@
 
 Start-up on a GPU: weights, then a profile of the largest eager step and of the largest decode step
 (their activation peaks are kept free), then the KV pool, sized as ``kv_cache_memory_fraction`` of the
-free memory left, then the decode graphs (``enable_cuda_graph``).
+free memory left, then the decode graphs and the one-sequence prompt-chunk graphs (``enable_cuda_graph``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from engine.attention import forward_context
 from engine.config import EngineConfig, torch_dtype
-from engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from engine.cuda_graphs import DecodeGraphs, PrefillGraphs, graph_batch_sizes
 from engine.kv_cache import KVCache, KVLayout, attention_layers
 from engine.models.loader import iter_weights
 from engine.models.registry import build_model
@@ -34,7 +34,7 @@ log = structlog.get_logger(__name__)
 class ModelOutput:
     sampled_token_ids: list[int | None]  # one per scheduled request, None where it did not sample
     logits: torch.Tensor  # [number of sampling requests, vocab] float32, in scheduled order
-    cuda_graph: bool = False  # the step replayed a decode graph
+    cuda_graph: bool = False  # the step replayed a CUDA graph (decode, or a one-sequence prompt chunk)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,10 +71,14 @@ class ModelRunner:
         self.builder = self._input_builder(-(-max_model_len // config.block_size))
         self.kv_cache = self._allocate_kv_cache()
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         if config.enable_cuda_graph:
             self.graphs = DecodeGraphs(self.model, config.max_num_seqs, self.builder.max_blocks_per_seq,
                                        self.max_seq_len, self.device)
             self.graphs.capture()
+            self.prefill_graphs = PrefillGraphs(self.model, self.max_prefill_graph_tokens,
+                                                self.builder.max_blocks_per_seq, self.max_seq_len, self.device)
+            self.prefill_graphs.capture()
 
     def _build(self, hf_config: Any, backend: str, weights: Any) -> torch.nn.Module:
         previous = torch.get_default_dtype()
@@ -90,6 +94,12 @@ class ModelRunner:
     def _input_builder(self, max_blocks_per_seq: int) -> InputBuilder:
         return InputBuilder(self.config.max_num_seqs, self.config.max_num_batched_tokens, max_blocks_per_seq,
                             self.config.block_size, self.device)
+
+    @property
+    def max_prefill_graph_tokens(self) -> int:
+        """The largest one-sequence chunk a prefill graph is captured for: a chunk, at most 2048 tokens (beyond,
+        a step's GPU work dwarfs its launches)."""
+        return min(self.config.prefill_chunk_size, self.max_model_len, 2048)
 
     @property
     def max_seq_len(self) -> int:
@@ -127,9 +137,11 @@ class ModelRunner:
         tokens = min(cfg.max_num_batched_tokens, seqs * min(cfg.prefill_chunk_size, self.max_model_len))
         eager_peak = self._profile_peak(tokens, seqs)
         graph_peak = 0
-        if cfg.enable_cuda_graph:  # one decode step's activations (graphs share a pool) + every graph's logits
+        if cfg.enable_cuda_graph:  # one decode step's activations (graphs share a pool) + every graph's logits,
+            # and the prefill graphs' own pool: the activations of the largest one-sequence chunk
             held_logits = sum(graph_batch_sizes(cfg.max_num_seqs)) * self.vocab_size * self.dtype.itemsize
             graph_peak = self._profile_peak(cfg.max_num_seqs, cfg.max_num_seqs) + held_logits
+            graph_peak += self._profile_peak(self.max_prefill_graph_tokens, 1)
         budget = cfg.kv_cache_memory_fraction * (free - eager_peak - graph_peak)
         log.info("kv_cache_budget", free_gib=round(free / 2**30, 2), eager_peak_gib=round(eager_peak / 2**30, 3),
                  graph_peak_gib=round(graph_peak / 2**30, 3), fraction=cfg.kv_cache_memory_fraction,
@@ -172,27 +184,35 @@ class ModelRunner:
         """Queue one step on the device without waiting for it. ``after``: the step before, still running,
         whose sampled tokens are this step's input tokens (``output.ahead``: same requests, same order)."""
         n = output.num_seqs
-        bucket = None
-        if use_graphs and self.graphs is not None and output.is_decode:
-            bucket = self.graphs.bucket(n)
-        inputs = self.build_inputs(output, bucket, ahead=after is not None)
+        bucket = chunk_bucket = None
+        if output.is_decode:
+            if use_graphs and self.graphs is not None:
+                bucket = self.graphs.bucket(n)
+        elif use_graphs and self.prefill_graphs is not None and n == 1:
+            chunk_bucket = self.prefill_graphs.bucket(output.num_batched_tokens)
+        inputs = self.build_inputs(output, bucket, ahead=after is not None, pad_tokens=chunk_bucket)
         if after is not None:
             inputs.input_ids[:n].copy_(after.sampled)  # views the graph inputs too: copied before replay
         if bucket is not None:
             logits = self.graphs.run(inputs)  # type: ignore[union-attr]
             logits = logits.float() if logits.dtype != torch.float32 else logits.clone()  # the graph reuses it
+        elif chunk_bucket is not None:
+            hidden = self.prefill_graphs.run(inputs)  # type: ignore[union-attr]
+            logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()
         else:
             with forward_context(inputs.metadata):
                 hidden = self.model(inputs.input_ids, inputs.positions)
             logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()
         sampled = self.sampler(logits, self._sampling_batch(output))
-        return PendingStep(self, output, sampled, logits, bucket is not None, self.token_readback.start(sampled))
+        graphed = bucket is not None or chunk_bucket is not None
+        return PendingStep(self, output, sampled, logits, graphed, self.token_readback.start(sampled))
 
-    def build_inputs(self, output: SchedulerOutput, pad_to: int | None, ahead: bool) -> StepInputs:
+    def build_inputs(self, output: SchedulerOutput, pad_to: int | None, ahead: bool,
+                     pad_tokens: int | None = None) -> StepInputs:
         """The step's inputs; ``ahead``: its input tokens are written on the device afterwards (``launch``)."""
         if ahead and output.decode is not None:
             return self.builder.build_ahead(output.decode, pad_to)
-        return self.builder.build(output.scheduled, pad_to)
+        return self.builder.build(output.scheduled, pad_to, pad_tokens)
 
     def _sampling_batch(self, output: SchedulerOutput) -> SamplingBatch:
         if output.all_greedy:  # the common case, decided before building any per-row list

@@ -12,6 +12,9 @@ while the next step is built, and a buffer is refilled only after the step that 
 sizes) repeats, as it does from one decode step to the next.
 For a CUDA-graph decode step ``pad_to`` pads the batch to the graph's size: padding tokens get slot -1
 (the KV write skips them) and one key of block 0 to attend to, so their rows are computed and ignored.
+For a CUDA-graph prompt-chunk step ``pad_tokens`` pads the tokens to the graph's size: the padding tokens
+form one extra sequence of their own (slot -1, no context, its block-table row all block 0), so no real
+query attends to them and their rows are computed and ignored.
 
 Block tables are the costly part at large batches (B x W ids), so each scheduled request keeps a row of
 a persistent numpy table that only receives its newly appended block ids. A request not scheduled in a
@@ -39,16 +42,19 @@ class StepInputs:
     metadata: AttentionMetadata
     logits_indices: torch.Tensor  # rows of the flat batch whose next token is sampled
     num_seqs: int  # real sequences (the first rows); the rest is padding
-    graph_inputs: torch.Tensor | None = None  # with pad_to: [4, pad_to] view of ids | positions | slots | seq_lens
+    # with pad_to: [4, pad_to] view of ids | positions | slots | seq_lens; with pad_tokens: [3, pad_tokens] view of
+    # ids | positions | slots, and graph_seq_meta the [2B + 1] view of seq_lens | query_start_loc
+    graph_inputs: torch.Tensor | None = None
+    graph_seq_meta: torch.Tensor | None = None
 
 
 class _Layout:
     """The views of one staging buffer (and its device copy) for one step shape: made once, reused while
     consecutive steps keep that shape."""
 
-    def __init__(self, staging: torch.Tensor, device_buffer: torch.Tensor, key: tuple[int, int, int, int, int, bool]
+    def __init__(self, staging: torch.Tensor, device_buffer: torch.Tensor, key: tuple[int, int, int, int, int, str]
                  ) -> None:
-        t, b, n, num_samples, width, padded = key
+        t, b, n, num_samples, width, padding = key
         self.key = key
         sizes = [t, t, t, b, b + 1, num_samples, n * width]
         size = sum(sizes)
@@ -60,7 +66,12 @@ class _Layout:
         dev = device_buffer[:size].split(sizes)
         self.d_ids, self.d_pos, self.d_slots, self.d_seq_lens, self.d_qsl, self.d_logits = dev[:6]
         self.d_tables = dev[6].view(n, width)
-        self.d_packed = device_buffer[:4 * b].view(4, b) if padded else None
+        self.d_packed = self.d_seq_meta = None
+        if padding == "sequences":  # a decode graph's step: t == b
+            self.d_packed = device_buffer[:4 * b].view(4, b)
+        elif padding == "tokens":
+            self.d_packed = device_buffer[:3 * t].view(3, t)
+            self.d_seq_meta = device_buffer[3 * t:3 * t + 2 * b + 1]
 
     def send(self) -> None:
         if self._copy is not None:
@@ -111,11 +122,13 @@ class InputBuilder:
         self._width = 1  # the last build's widest block table
         self._decode: tuple[DecodeGroup, int] | None = None  # the last build's decode batch (group, step), if any
 
-    def build(self, scheduled: tuple[ScheduledRequest, ...], pad_to: int | None = None) -> StepInputs:
-        """Inputs for ``scheduled``; ``pad_to`` (decode steps only) pads to that many one-token sequences."""
+    def build(self, scheduled: tuple[ScheduledRequest, ...], pad_to: int | None = None,
+              pad_tokens: int | None = None) -> StepInputs:
+        """Inputs for ``scheduled``; ``pad_to`` (decode steps only) pads to that many one-token sequences,
+        ``pad_tokens`` to that many tokens, the padding as one more sequence."""
         rows, lens, starts, token_ids, samples = self._collect(scheduled)
         return self._pack(rows, np.array(lens, dtype=np.int32), np.array(starts, dtype=np.int32), token_ids,
-                          samples, pad_to)
+                          samples, pad_to, pad_tokens)
 
     def build_ahead(self, batch: DecodeBatch, pad_to: int | None = None) -> StepInputs:
         """Inputs for a decode step scheduled ahead (``SchedulerOutput.decode``) whose token ids the caller
@@ -133,17 +146,22 @@ class InputBuilder:
         return self._pack(self._row_indices, self._ones[:n], batch.starts, self._zeros[:n], None, pad_to)
 
     def _pack(self, rows: np.ndarray, lens: np.ndarray, starts: np.ndarray, token_ids: list[int] | np.ndarray,
-              samples: list[int] | None, pad_to: int | None) -> StepInputs:
+              samples: list[int] | None, pad_to: int | None, pad_tokens: int | None = None) -> StepInputs:
         """Fill a staging buffer (``samples``: the rows that sample, None for all) and send it to the device."""
         n, width = len(rows), self._width
         num_tokens = len(token_ids)
-        b = n if pad_to is None else pad_to  # sequences, padding included
-        t = num_tokens if pad_to is None else pad_to  # tokens, padding included
-        if pad_to is not None and (pad_to < n or num_tokens != n):
-            raise ValueError(f"pad_to={pad_to} needs a decode-only step of at most {pad_to} sequences")
+        b, t, padding = n, num_tokens, ""  # sequences and tokens, padding included
+        if pad_to is not None:
+            if pad_to < n or num_tokens != n or pad_tokens is not None:
+                raise ValueError(f"pad_to={pad_to} needs a decode-only step of at most {pad_to} sequences")
+            b, t, padding = pad_to, pad_to, "sequences"
+        elif pad_tokens is not None:
+            if pad_tokens < num_tokens:
+                raise ValueError(f"pad_tokens={pad_tokens} is fewer than the step's {num_tokens} tokens")
+            b, t, padding = n + 1, pad_tokens, "tokens"
         num_samples = n if samples is None else len(samples)
 
-        layout = self._layout((t, b, n, num_samples, width, pad_to is not None))
+        layout = self._layout((t, b, n, num_samples, width, padding))
         ids, pos, slots, seq_lens, qsl, tables = \
             layout.ids, layout.pos, layout.slots, layout.seq_lens, layout.qsl, layout.tables
         ids[:num_tokens] = token_ids
@@ -163,12 +181,16 @@ class InputBuilder:
         p = pos[:num_tokens]
         slots[:num_tokens] = tables[seq_of_token, p // bs] * bs + p % bs
         layout.logits_idx[:] = qsl[1:n + 1] - 1 if samples is None else qsl[1:n + 1][samples] - 1
-        if t > num_tokens:  # CUDA-graph padding: one token per padding sequence, never cached
+        if padding:  # CUDA-graph padding tokens: never cached, and no real query attends to them
             ids[num_tokens:] = 0
             pos[num_tokens:] = 0
             slots[num_tokens:] = -1
-            seq_lens[n:] = 1
-            qsl[n + 1:] = self._arange[n + 1:b + 1]
+            if padding == "sequences":  # one token per padding sequence
+                seq_lens[n:] = 1
+                qsl[n + 1:] = self._arange[n + 1:b + 1]
+            else:  # all of them one sequence: causal over themselves (block 0 in the graph's zeroed table row)
+                seq_lens[n] = t - num_tokens
+                qsl[n + 1] = t
 
         layout.send()
         metadata = AttentionMetadata(
@@ -179,9 +201,9 @@ class InputBuilder:
             max_query_len=1 if num_tokens == n else int(lens.max()),
             max_seq_len=int(seq_lens[:n].max()),
         )
-        return StepInputs(layout.d_ids, layout.d_pos, metadata, layout.d_logits, n, layout.d_packed)
+        return StepInputs(layout.d_ids, layout.d_pos, metadata, layout.d_logits, n, layout.d_packed, layout.d_seq_meta)
 
-    def _layout(self, key: tuple[int, int, int, int, int, bool]) -> _Layout:
+    def _layout(self, key: tuple[int, int, int, int, int, str]) -> _Layout:
         """The next staging buffer's views for a step of this shape (made anew only when the shape changed)."""
         turn = self._turn
         self._turn ^= 1

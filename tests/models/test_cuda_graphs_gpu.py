@@ -101,3 +101,21 @@ def test_one_sequence_engine_whose_context_is_shorter_than_the_token_budget_star
                   prefill_chunk_size=512, kv_cache_memory_fraction=0.05)
     out = eng.generate([list(range(1, 40))], SamplingParams(max_new_tokens=8, ignore_eos=True))
     assert len(out[0].token_ids) == 8
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_one_sequence_chunks_replay_prefill_graphs(shape: str, make_checkpoint: Any) -> None:
+    """A lone request's prompt chunks (padded to 16 or 32 tokens, continuing a cached context from the second
+    chunk of 75 on) replay prefill graphs and give the eager engine's tokens."""
+    family, overrides = SHAPES[shape]
+    model_dir = make_checkpoint(family, **overrides)
+    graphed, eager = _engine(model_dir, "float32", True), _engine(model_dir, "float32", False)
+    assert graphed.runner.prefill_graphs is not None and graphed.runner.prefill_graphs.token_sizes == [16, 32]
+    g = torch.Generator().manual_seed(9)
+    sp = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    for n in (3, 16, 21, 32, 75):
+        prompt = torch.randint(1, 500, (n,), generator=g).tolist()
+        assert graphed.generate([prompt], sp)[0].token_ids == eager.generate([prompt], sp)[0].token_ids, n
+    chunk_steps = [t for t in graphed.step_timings if not t.decode_only]
+    assert len(chunk_steps) == 7 and all(t.cuda_graph for t in chunk_steps)
+    assert graphed.scheduler.block_manager.num_used_blocks == 0

@@ -132,6 +132,35 @@ def test_padding_refuses_prompt_chunks() -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_chunk_padded_to_a_token_size(device: str) -> None:
+    """A prompt chunk continuing a cached context, padded for a prefill graph: the padding is a sequence of its own."""
+    rng = random.Random(4)
+    builder = _builder(device=device)
+    r = _request("c", 14, 0, rng)
+    r.block_ids = [7, 3, 9, 5]
+    r.num_computed_tokens = 6
+    scheduled = (ScheduledRequest(r, 8, 6, True),)
+    for _ in range(2):  # a second build of the same shape reuses the layout's views
+        got = builder.build(scheduled, pad_tokens=16)
+        want = _expected(list(scheduled))
+        md = got.metadata
+        assert got.input_ids.tolist() == want["ids"] + [0] * 8
+        assert got.positions.tolist() == want["pos"] + [0] * 8
+        assert md.slot_mapping.tolist() == want["slots"] + [-1] * 8  # padding writes no KV
+        assert md.seq_lens.tolist() == [14, 8]  # the padding sequence: 8 tokens, no context
+        assert md.query_start_loc.tolist() == [0, 8, 16]
+        assert got.logits_indices.tolist() == [7]
+        assert got.num_seqs == 1 and md.block_tables.tolist() == [[7, 3, 9, 5]]
+        assert got.graph_inputs is not None and got.graph_seq_meta is not None
+        assert got.graph_inputs.tolist() == [got.input_ids.tolist(), got.positions.tolist(), md.slot_mapping.tolist()]
+        assert got.graph_seq_meta.tolist() == [14, 8, 0, 8, 16]
+    exact = builder.build(scheduled, pad_tokens=8)  # a chunk of exactly a graph's size: an empty padding sequence
+    assert exact.metadata.seq_lens.tolist() == [14, 0] and exact.metadata.query_start_loc.tolist() == [0, 8, 8]
+    with pytest.raises(ValueError, match="fewer than the step's 8 tokens"):
+        builder.build(scheduled, pad_tokens=4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_ahead_builds_equal_full_builds_but_for_the_token_ids(device: str) -> None:
     """Steps run ahead one after another (``build_ahead``) keep the previous build's rows and copy in only the
     rows that got blocks; each must equal a full build of the same step but for the token ids, which the device
