@@ -155,6 +155,9 @@ class EngineConfig(_Frozen):
         default=None, validation_alias="kernel_inject"
     )
     enable_cuda_graph: bool = False
+    # with enable_cuda_graph, the steps that replay graphs: "all" (decode batches, and one sequence's prompt
+    # chunks), "decode", or "prefill" (prompt chunks only: a prefill worker never runs a decode step)
+    cuda_graph_steps: Literal["all", "decode", "prefill"] = "all"
     # programmatic dependent launch of the injected Triton kernels (each starts while the one before it
     # finishes); None: on where they run on a GPU that has it (compute capability 9.0+, Hopper)
     enable_pdl: bool | None = None
@@ -212,6 +215,15 @@ class EngineConfig(_Frozen):
                 "every running request needs one token a step"
             )
         return self
+
+    @property
+    def captures_decode_graphs(self) -> bool:
+        return self.enable_cuda_graph and self.cuda_graph_steps != "prefill"
+
+    @property
+    def captures_prefill_graphs(self) -> bool:
+        """Graphs of one sequence's prompt chunk (``engine.cuda_graphs.PrefillGraphs``)."""
+        return self.enable_cuda_graph and self.cuda_graph_steps != "decode"
 
     @property
     def tp_size(self) -> int:

@@ -72,10 +72,11 @@ class ModelRunner:
         self.kv_cache = self._allocate_kv_cache()
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
-        if config.enable_cuda_graph:
+        if config.captures_decode_graphs:
             self.graphs = DecodeGraphs(self.model, config.max_num_seqs, self.builder.max_blocks_per_seq,
                                        self.max_seq_len, self.device)
             self.graphs.capture()
+        if config.captures_prefill_graphs:
             self.prefill_graphs = PrefillGraphs(self.model, self.max_prefill_graph_tokens,
                                                 self.builder.max_blocks_per_seq, self.max_seq_len, self.device)
             self.prefill_graphs.capture()
@@ -137,10 +138,10 @@ class ModelRunner:
         tokens = min(cfg.max_num_batched_tokens, seqs * min(cfg.prefill_chunk_size, self.max_model_len))
         eager_peak = self._profile_peak(tokens, seqs)
         graph_peak = 0
-        if cfg.enable_cuda_graph:  # one decode step's activations (graphs share a pool) + every graph's logits,
-            # and the prefill graphs' own pool: the activations of the largest one-sequence chunk
+        if cfg.captures_decode_graphs:  # one decode step's activations (the graphs share a pool) + every graph's logits
             held_logits = sum(graph_batch_sizes(cfg.max_num_seqs)) * self.vocab_size * self.dtype.itemsize
             graph_peak = self._profile_peak(cfg.max_num_seqs, cfg.max_num_seqs) + held_logits
+        if cfg.captures_prefill_graphs:  # the prefill graphs' own pool: the activations of the largest chunk they run
             graph_peak += self._profile_peak(self.max_prefill_graph_tokens, 1)
         budget = cfg.kv_cache_memory_fraction * (free - eager_peak - graph_peak)
         log.info("kv_cache_budget", free_gib=round(free / 2**30, 2), eager_peak_gib=round(eager_peak / 2**30, 3),

@@ -18,7 +18,7 @@ __all__ = ["ENGINE_SETTINGS", "SettingsError", "WorkerSettings", "parse_worker_a
 ENGINE_SETTINGS = (
     "dtype", "device", "block_size", "num_kv_blocks", "max_num_batched_tokens", "max_num_seqs", "prefill_chunk_size",
     "max_out_tokens", "seed", "cpu_kv_cache_gib", "kv_cache_memory_fraction", "replace_with_kernel_inject",
-    "enable_cuda_graph", "enable_pdl", "async_scheduling",
+    "enable_cuda_graph", "cuda_graph_steps", "enable_pdl", "async_scheduling",
 )
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
@@ -59,7 +59,10 @@ class WorkerSettings(ProcessSettings):
         0.9, gt=0, le=1, description="share of free GPU memory for the KV cache when num_kv_blocks is none")
     replace_with_kernel_inject: bool | None = Field(
         None, description="fused Triton kernels; none = on for CUDA, off for CPU")
-    enable_cuda_graph: bool = Field(False, description="CUDA graphs for decode steps (needs CUDA)")
+    enable_cuda_graph: bool = Field(
+        False, description="CUDA graphs for decode steps and lone prompt chunks (needs CUDA)")
+    cuda_graph_steps: Literal["all", "decode", "prefill"] = Field(
+        "all", description="with enable_cuda_graph, the steps that replay graphs: all, decode or prefill")
     enable_pdl: bool | None = Field(
         None, description="programmatic dependent launch of the kernels; none = on for compute capability 9.0+")
     async_scheduling: bool | None = Field(

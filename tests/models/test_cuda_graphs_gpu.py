@@ -119,3 +119,16 @@ def test_one_sequence_chunks_replay_prefill_graphs(shape: str, make_checkpoint: 
     chunk_steps = [t for t in graphed.step_timings if not t.decode_only]
     assert len(chunk_steps) == 7 and all(t.cuda_graph for t in chunk_steps)
     assert graphed.scheduler.block_manager.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("steps", ["decode", "prefill"])
+def test_cuda_graph_steps_picks_the_graphs_captured(steps: str, make_checkpoint: Any) -> None:
+    eng = _engine(make_checkpoint("llama"), "bfloat16", True, cuda_graph_steps=steps)
+    assert (eng.runner.graphs is not None, eng.runner.prefill_graphs is not None) == (steps == "decode",
+                                                                                     steps == "prefill")
+    out = eng.generate([list(range(1, 40))], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert len(out[0].token_ids) == 4
+    chunks = [t for t in eng.step_timings if not t.decode_only]
+    decodes = [t for t in eng.step_timings if t.decode_only]
+    assert len(chunks) == 2 and all(t.cuda_graph == (steps == "prefill") for t in chunks)
+    assert decodes and all(t.cuda_graph == (steps == "decode") for t in decodes)

@@ -211,7 +211,9 @@ def test_the_gpu_override_reserves_one_gpu_for_each_worker_and_nothing_else() ->
         assert services[name]["environment"]["SPLITSERVE_DEVICE"] == "cuda"
         assert services[name]["environment"]["SPLITSERVE_KV_CACHE_MEMORY_FRACTION"] == "0.45"
     assert services["decode"]["environment"]["SPLITSERVE_ENABLE_CUDA_GRAPH"] == "true"
-    assert "SPLITSERVE_ENABLE_CUDA_GRAPH" not in services["prefill"]["environment"]
+    assert "SPLITSERVE_CUDA_GRAPH_STEPS" not in services["decode"]["environment"]  # all: decode and lone chunks
+    assert services["prefill"]["environment"]["SPLITSERVE_ENABLE_CUDA_GRAPH"] == "true"
+    assert services["prefill"]["environment"]["SPLITSERVE_CUDA_GRAPH_STEPS"] == "prefill"
     for name, service in ours(services).items():
         assert service["build"]["args"]["TORCH_INDEX"] != "https://download.pytorch.org/whl/cpu", name
         assert service["image"] != COMPOSE["services"][name]["image"], name  # the CPU image stays as it is

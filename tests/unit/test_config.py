@@ -280,6 +280,18 @@ def test_from_file_json_round_trip(tmp_path: Path) -> None:
     assert EngineConfig.from_file(str(path)) == cfg
 
 
+def test_cuda_graph_steps() -> None:
+    assert EngineConfig().cuda_graph_steps == "all"
+    captured = {steps: (EngineConfig(enable_cuda_graph=True, cuda_graph_steps=steps).captures_decode_graphs,
+                        EngineConfig(enable_cuda_graph=True, cuda_graph_steps=steps).captures_prefill_graphs)
+                for steps in ("all", "decode", "prefill")}
+    assert captured == {"all": (True, True), "decode": (True, False), "prefill": (False, True)}
+    off = EngineConfig(cuda_graph_steps="prefill")  # without enable_cuda_graph nothing is captured
+    assert not off.captures_decode_graphs and not off.captures_prefill_graphs
+    with pytest.raises(ValidationError, match="cuda_graph_steps"):
+        EngineConfig(cuda_graph_steps="chunks")
+
+
 def test_from_file_deepspeed_style_json(tmp_path: Path) -> None:
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"dtype": "fp16", "mp_size": 2, "replace_with_kernel_inject": True,

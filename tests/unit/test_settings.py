@@ -100,6 +100,15 @@ def test_the_launchers_flags_still_parse() -> None:
     assert parse_worker_args("decode", ["--model", "/m", "--replace-with-kernel-inject"]).engine.use_kernels("cpu")
 
 
+def test_cuda_graph_steps_is_a_worker_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_worker_args("prefill", ["--model", "/m"]).engine.cuda_graph_steps == "all"
+    monkeypatch.setenv("SPLITSERVE_CUDA_GRAPH_STEPS", "prefill")
+    assert parse_worker_args("prefill", ["--model", "/m", "--enable-cuda-graph", "True"]).engine.cuda_graph_steps \
+        == "prefill"
+    with pytest.raises(SettingsError, match=r"^--cuda-graph-steps: Input should be 'all', 'decode' or 'prefill'"):
+        parse_worker_args("prefill", ["--model", "/m", "--cuda-graph-steps", "chunks"])
+
+
 # -- EngineConfig and its aliases --------------------------------------------------------------------------------
 def test_worker_engine_defaults_are_the_engine_configs() -> None:
     assert WorkerSettings(model="/m").engine == EngineConfig(model="/m")
