@@ -41,46 +41,80 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sizes + [max_num_seqs]
 
 
-class DecodeGraphs:
+class _GraphSet:
+    """One captured forward per size, largest first into one memory pool (the smaller ones reuse its blocks).
+
+    A subclass fills its static buffers with a dummy step of a size (``_prepare``) and runs the forward over
+    them (``_forward``); ``_replay`` runs the graph of a size, or without one (CPU tests) the same buffers
+    eagerly.
+    """
+
+    kind = ""  # the log's name of the sizes
+
+    def __init__(self, sizes: list[int], device: torch.device) -> None:
+        self.sizes = sizes
+        self.device = device
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[int, torch.Tensor] = {}
+
+    def _prepare(self, size: int) -> None:
+        """Fill the static inputs with a dummy step of ``size`` that writes no KV."""
+        raise NotImplementedError
+
+    def _forward(self, size: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        start, free_before = time.perf_counter(), torch.cuda.mem_get_info(self.device)[0]
+        pool = None
+        for size in reversed(self.sizes):
+            self._prepare(size)
+            self._forward(size)  # warm-up: Triton compiles and cuBLAS picks its kernels outside the capture
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._outputs[size] = self._forward(size)
+            self._graphs[size] = graph
+            pool = graph.pool()
+        torch.cuda.synchronize(self.device)
+        log.info("cuda_graphs_captured", **{self.kind: self.sizes}, seconds=round(time.perf_counter() - start, 2),
+                 gib=round((free_before - torch.cuda.mem_get_info(self.device)[0]) / 2**30, 3))
+
+    def _replay(self, size: int) -> torch.Tensor:
+        graph = self._graphs.get(size)
+        if graph is None:
+            return self._forward(size)
+        graph.replay()
+        return self._outputs[size]
+
+
+class DecodeGraphs(_GraphSet):
     """Captured decode graphs of one model and KV pool; ``run`` replays the one that fits a step."""
+
+    kind = "batch_sizes"
 
     def __init__(self, model: torch.nn.Module, max_num_seqs: int, max_blocks_per_seq: int, max_seq_len: int,
                  device: torch.device) -> None:
+        super().__init__(graph_batch_sizes(max_num_seqs), device)
         self.model = model
-        self.batch_sizes = graph_batch_sizes(max_num_seqs)
+        self.batch_sizes = self.sizes
         self.max_seq_len = max_seq_len
-        self.device = device
         b = self.batch_sizes[-1]
         # ids, positions, slots, seq_lens as one [4, b] buffer: a step fills it with one copy
         self._inputs = torch.zeros(4, b, dtype=torch.int32, device=device)
         self._input_views = {size: self._inputs[:, :size] for size in self.batch_sizes}  # made once, not per step
         self._query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=device)
         self._block_tables = torch.zeros(b, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._buckets = [next(size for size in self.batch_sizes if size >= n) for n in range(b + 1)]  # by n
-        self._logits: dict[int, torch.Tensor] = {}
 
     def bucket(self, num_seqs: int) -> int | None:
         """The graph size a decode step of ``num_seqs`` sequences runs at, or None if none is that large."""
         return self._buckets[num_seqs] if num_seqs < len(self._buckets) else None
 
-    @torch.inference_mode()
-    def capture(self) -> None:
-        start, free_before = time.perf_counter(), torch.cuda.mem_get_info(self.device)[0]
-        self._inputs[2].fill_(-1)  # dummy steps write no KV
+    def _prepare(self, size: int) -> None:
+        self._inputs[2].fill_(-1)  # one token a sequence, not cached, attending to key 0 of block 0
         self._inputs[3].fill_(1)
-        pool = None
-        for b in reversed(self.batch_sizes):
-            self._forward(b)  # warm-up: Triton compiles and cuBLAS picks its kernels outside the capture
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._logits[b] = self._forward(b)
-            self._graphs[b] = graph
-            pool = graph.pool()
-        torch.cuda.synchronize(self.device)
-        log.info("cuda_graphs_captured", batch_sizes=self.batch_sizes, seconds=round(time.perf_counter() - start, 2),
-                 gib=round((free_before - torch.cuda.mem_get_info(self.device)[0]) / 2**30, 3))
 
     def _forward(self, b: int) -> torch.Tensor:
         metadata = AttentionMetadata(
@@ -105,12 +139,7 @@ class DecodeGraphs:
         n, width = inputs.metadata.block_tables.shape
         self._input_views[b].copy_(inputs.graph_inputs)
         self._block_tables[:n, :width].copy_(inputs.metadata.block_tables)
-        graph = self._graphs.get(b)
-        if graph is None:
-            logits = self._forward(b)
-        else:
-            graph.replay()
-            logits = self._logits[b]
+        logits = self._replay(b)
         return logits if n == b else logits[:n]
 
 
@@ -122,47 +151,31 @@ def prefill_token_sizes(max_tokens: int) -> list[int]:
     return [t for t in sizes if t < max_tokens] + [max_tokens]
 
 
-class PrefillGraphs:
+class PrefillGraphs(_GraphSet):
     """Captured forwards of one sequence's prompt chunk; ``run`` replays the one that fits a step."""
+
+    kind = "prefill_token_sizes"
 
     def __init__(self, model: torch.nn.Module, max_tokens: int, max_blocks_per_seq: int, max_seq_len: int,
                  device: torch.device) -> None:
+        super().__init__(prefill_token_sizes(max_tokens), device)
         self.model = model
-        self.token_sizes = prefill_token_sizes(max_tokens)
+        self.token_sizes = self.sizes
         self.max_seq_len = max_seq_len
-        self.device = device
         t = self.token_sizes[-1]
         self._tokens = torch.zeros(3, t, dtype=torch.int32, device=device)  # ids | positions | slots
         self._seq_meta = torch.zeros(5, dtype=torch.int32, device=device)  # seq_lens [2] | query_start_loc [3]
         self._block_tables = torch.zeros(2, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._hidden: dict[int, torch.Tensor] = {}
 
     def bucket(self, num_tokens: int) -> int | None:
         """The token size a one-sequence chunk of ``num_tokens`` runs at, or None if none is that large."""
         i = bisect_left(self.token_sizes, num_tokens)
         return self.token_sizes[i] if i < len(self.token_sizes) else None
 
-    @torch.inference_mode()
-    def capture(self) -> None:
-        start, free_before = time.perf_counter(), torch.cuda.mem_get_info(self.device)[0]
-        self._tokens[2].fill_(-1)  # dummy steps write no KV
-        self._seq_meta.copy_(torch.tensor([1, 0, 0, 1, 1], dtype=torch.int32))  # one token of sequence 0
-        pool = None
-        for t in reversed(self.token_sizes):
-            self._seq_meta[4] = t  # the padding sequence: tokens 1..t
-            self._seq_meta[1] = t - 1
-            self._forward(t)  # warm-up, as for the decode graphs
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._hidden[t] = self._forward(t)
-            self._graphs[t] = graph
-            pool = graph.pool()
-        torch.cuda.synchronize(self.device)
-        log.info("cuda_graphs_captured", prefill_token_sizes=self.token_sizes,
-                 seconds=round(time.perf_counter() - start, 2),
-                 gib=round((free_before - torch.cuda.mem_get_info(self.device)[0]) / 2**30, 3))
+    def _prepare(self, t: int) -> None:
+        # sequence 0: one uncached token attending to key 0 of block 0; the padding sequence: the other t - 1
+        self._tokens[2].fill_(-1)
+        self._seq_meta.copy_(torch.tensor([1, t - 1, 0, 1, t], dtype=torch.int32))
 
     def _forward(self, t: int) -> torch.Tensor:
         metadata = AttentionMetadata(
@@ -190,8 +203,4 @@ class PrefillGraphs:
         self._tokens[:, :t].copy_(inputs.graph_inputs)
         self._seq_meta.copy_(inputs.graph_seq_meta)
         self._block_tables[:1, :width].copy_(inputs.metadata.block_tables)
-        graph = self._graphs.get(t)
-        if graph is None:
-            return self._forward(t)
-        graph.replay()
-        return self._hidden[t]
+        return self._replay(t)
