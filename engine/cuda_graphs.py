@@ -5,15 +5,15 @@ A decode step of a small model is a few hundred short kernels; launched one by o
 launches take longer than the GPU work. Each bucket size gets one graph of the model's forward and
 logits, captured at start-up over static input buffers; a step of n sequences copies its inputs into
 the buffers of the smallest bucket >= n (padding rows write no KV, see ``engine.step_inputs``) and
-replays. Mixed SplitFuse steps (prompt chunks) run eagerly. Graphs share one memory pool, captured
-largest first so the smaller ones reuse its blocks.
+replays. The decode graphs share one memory pool, captured largest first so the smaller ones reuse its
+blocks (the prompt-chunk graphs below have a pool of their own, the same way).
 
 Attention's launch shape is fixed at capture: decode tiles, and the split-KV count chosen for the
 longest context the pool can hold (a shorter context fills only the splits it needs, see
 kernels/paged_attention_triton.py).
 
 A lone request's prompt (its time to first token) is the other step launches dominate: eager, a layer of
-the 8B model on 512 tokens took ~0.7 ms of host time on the H100 machine against ~0.36 ms of GPU work,
+the 8B model on 512 tokens took ~0.7 ms of host time on one H100 machine against ~0.36 ms of GPU work,
 mostly Python launch overhead. ``PrefillGraphs`` captures the forward of one sequence's chunk at token
 sizes up to the chunk size; a chunk is padded to the next size with a throwaway second sequence (see
 ``engine.step_inputs``), and only the rows that sample go through the lm_head, eagerly. Chunks of several

@@ -1,8 +1,9 @@
-"""Turns a SchedulerOutput into tensors, runs the model over the flat batch (or replays a decode graph), and samples.
+"""Turns a SchedulerOutput into tensors, runs the model over the flat batch (or replays a graph), and samples.
 
-Start-up on a GPU: weights, then a profile of the largest eager step and of the largest decode step
-(their activation peaks are kept free), then the KV pool, sized as ``kv_cache_memory_fraction`` of the
-free memory left, then the decode graphs and the one-sequence prompt-chunk graphs (``enable_cuda_graph``).
+Start-up on a GPU: weights, then a profile of the largest eager step and, with graphs, of the largest decode
+step and the largest graphed prompt chunk (their activation peaks are kept free), then the KV pool, sized as
+``kv_cache_memory_fraction`` of the free memory left, then the decode graphs and the one-sequence
+prompt-chunk graphs (``enable_cuda_graph``, ``cuda_graph_steps``).
 """
 
 from __future__ import annotations
