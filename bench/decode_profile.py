@@ -39,7 +39,6 @@ def main() -> None:
     ap.add_argument("--prefill", action="store_true")
     ap.add_argument("--graphs", action="store_true", help="decode through CUDA graphs")
     ap.add_argument("--no-pdl", action="store_true", help="without programmatic dependent launch")
-    ap.add_argument("--weight-prefetch-mib", type=int, default=None, help="engine.weight_prefetch window (0 off)")
     args = ap.parse_args()
     from engine.engine import init_inference
     from engine.request import SamplingParams
@@ -48,8 +47,7 @@ def main() -> None:
     hf = build_hf(args.shape)
     engine = init_inference(hf, {"dtype": str(SHAPES[args.shape]["dtype"]).removeprefix("torch."),
                                  "kv_cache_memory_fraction": 0.3, "max_num_seqs": max(args.batch, 8),
-                                 "enable_cuda_graph": args.graphs, "enable_pdl": False if args.no_pdl else None,
-                                 "weight_prefetch_mib": args.weight_prefetch_mib})
+                                 "enable_cuda_graph": args.graphs, "enable_pdl": False if args.no_pdl else None})
     g = torch.Generator().manual_seed(0)
     if args.prefill:
         return profile_prefill(engine, hf, args, bw)

@@ -264,8 +264,6 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip the transformers torch.compile baseline")
     ap.add_argument("--eager", action="store_true", help="our engine without CUDA graphs")
     ap.add_argument("--no-pdl", action="store_true", help="our engine without programmatic dependent launch")
-    ap.add_argument("--weight-prefetch-mib", type=int, default=None,
-                    help="MiB of later weights a batch-1 GEMV prefetches into L2 (0 off; default: the engine's)")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.new_tokens < 2:
@@ -293,10 +291,8 @@ def main() -> None:
     hf = build_hf(args.shape)
     engine = init_inference(hf, {"dtype": env["dtype"], "enable_cuda_graph": not args.eager,
                                  "kv_cache_memory_fraction": 0.5, "max_num_seqs": 256,
-                                 "enable_pdl": False if args.no_pdl else None,
-                                 "weight_prefetch_mib": args.weight_prefetch_mib})
+                                 "enable_pdl": False if args.no_pdl else None})
     env["pdl"] = engine.runner.pdl
-    env["weight_prefetch_bytes"] = engine.config.weight_prefetch_bytes("cuda")
     split, flops = param_split(hf), prefill_flops(hf, args.prompt_len)
     env.update(weight_bytes_all=split["bytes_all"], weight_bytes_read_per_step=split["bytes_read"],
                prefill_flops_per_prompt=flops, step_timings=getattr(engine, "step_timings", None) is not None)

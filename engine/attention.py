@@ -84,8 +84,7 @@ class Attention(nn.Module):
         """
         md = current_metadata()
         q = self.ops.qkv_kv_write(x, qkv_proj.weight, qkv_proj.bias, self.num_heads, self.num_kv_heads,
-                                  self.k_cache, self.v_cache, md.slot_mapping, positions, cos_sin_cache,
-                                  prefetch=qkv_proj.prefetch)
+                                  self.k_cache, self.v_cache, md.slot_mapping, positions, cos_sin_cache)
         out = self.ops.paged_attention(
             q, self.k_cache, self.v_cache, md.block_tables, md.query_start_loc, md.seq_lens, self.scale,
             max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 
 DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
 _CONCRETE_DTYPES = ("float32", "float16", "bfloat16")
-DEFAULT_WEIGHT_PREFETCH_MIB = 24  # H100, batch-1 decode (bench/RESULTS.md, sixth pass)
 _DTYPE_ALIASES = {
     **dict.fromkeys(("fp32", "float", "torch.float32", "torch.float"), "float32"),
     **dict.fromkeys(("fp16", "half", "torch.float16", "torch.half"), "float16"),
@@ -162,9 +161,6 @@ class EngineConfig(_Frozen):
     # programmatic dependent launch of the injected Triton kernels (each starts while the one before it
     # finishes); None: on where they run on a GPU that has it (compute capability 9.0+, Hopper)
     enable_pdl: bool | None = None
-    # MiB of later weights each batch-1 GEMV pulls into L2 ahead of use (engine.weight_prefetch), so HBM keeps
-    # streaming while norms and attention run; 0 off; None: DEFAULT_WEIGHT_PREFETCH_MIB with the kernels on CUDA
-    weight_prefetch_mib: int | None = Field(default=None, ge=0, le=1024)
     # queue the next decode step before reading this one's tokens (the CPU's step work hides behind the
     # GPU's); None: on where the engine runs on CUDA
     async_scheduling: bool | None = None
@@ -254,13 +250,6 @@ class EngineConfig(_Frozen):
         if self.replace_with_kernel_inject is None:
             return device_type == "cuda"
         return self.replace_with_kernel_inject
-
-    def weight_prefetch_bytes(self, device_type: str) -> int:
-        """`weight_prefetch_mib` in bytes; by default on only where the injected kernels run on a GPU."""
-        _check_device_type(device_type)
-        default = DEFAULT_WEIGHT_PREFETCH_MIB if self.use_kernels(device_type) and device_type == "cuda" else 0
-        mib = default if self.weight_prefetch_mib is None else self.weight_prefetch_mib
-        return mib * 2**20
 
     def use_pdl(self, device_type: str, compute_capability: tuple[int, int] | None) -> bool:
         """`enable_pdl` if set (an error where it cannot run), else on with the kernels on a 9.0+ GPU."""

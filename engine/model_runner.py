@@ -26,7 +26,6 @@ from engine.request import Request, SamplingParams
 from engine.sampler import ALL_GREEDY, Sampler, SamplingBatch, make_sampling_batch
 from engine.scheduler import ScheduledRequest, SchedulerOutput
 from engine.step_inputs import InputBuilder, StepInputs
-from engine.weight_prefetch import plan_weight_prefetch
 from kernels import get_ops
 
 log = structlog.get_logger(__name__)
@@ -61,10 +60,8 @@ class ModelRunner:
         capability = torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else None
         self.pdl = config.use_pdl(self.device.type, capability)
         self.model = self._build(hf_config, backend, weights)
-        prefetch = config.weight_prefetch_bytes(self.device.type)
-        plan_weight_prefetch(self.model, prefetch)
         log.info("model_built", ops=backend, pdl=self.pdl, dtype=str(self.dtype).removeprefix("torch."),
-                 device=str(self.device), weight_prefetch_mib=prefetch // 2**20)
+                 device=str(self.device))
         self.vocab_size = hf_config.vocab_size
         self.sampler = Sampler(config.seed)
         self.token_readback = TokenReadback(config.max_num_seqs, self.device)

@@ -17,7 +17,6 @@ import torch.distributed as dist
 from torch import nn
 
 from kernels import Ops
-from kernels.l2_prefetch import L2Prefetch
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,6 @@ class ColumnParallelLinear(nn.Module):
         out = sum(self.shard_sizes)
         self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out), requires_grad=False) if bias else None
-        self.prefetch: L2Prefetch | None = None  # later weights a batch-1 GEMV pulls into L2 (engine.weight_prefetch)
         for p in (self.weight, self.bias):
             if p is not None:
                 p.weight_loader = self._load  # type: ignore[attr-defined]
@@ -92,7 +90,7 @@ class ColumnParallelLinear(nn.Module):
         param.data[offset : offset + size].copy_(loaded.narrow(0, tp.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.linear(x, self.weight, self.bias, prefetch=self.prefetch)
+        return self.ops.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -106,7 +104,6 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank), requires_grad=False)
         self.weight.weight_loader = self._load_weight  # type: ignore[attr-defined]
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self.prefetch: L2Prefetch | None = None
 
     def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard: int = 0) -> None:
         check_shape(loaded, (param.shape[0], self.in_features))
@@ -116,8 +113,8 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tp = tp_group()
         if tp.size == 1:  # the bias rides in the matmul's epilogue: no separate add kernel
-            return self.ops.linear(x, self.weight, self.bias, prefetch=self.prefetch)
-        y = tp.all_reduce(self.ops.linear(x, self.weight, None, prefetch=self.prefetch))  # the bias once, after the sum
+            return self.ops.linear(x, self.weight, self.bias)
+        y = tp.all_reduce(self.ops.linear(x, self.weight, None))  # the bias once, after the sum
         return y + self.bias if self.bias is not None else y
 
 
@@ -155,8 +152,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         super().__init__(vocab_size, dim)
         self.vocab_size = vocab_size
         self.ops = ops
-        self.prefetch: L2Prefetch | None = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = tp_group().all_gather_last_dim(self.ops.linear(hidden, self.weight, prefetch=self.prefetch))
+        logits = tp_group().all_gather_last_dim(self.ops.linear(hidden, self.weight))
         return logits[..., : self.vocab_size]

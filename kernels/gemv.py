@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from kernels.activation import gelu, gelu_f32, silu_and_mul, silu_mul_f32
-from kernels.l2_prefetch import L2Prefetch, prefetch_l2, prefetch_meta
 from kernels.linear import check_activation, linear_ref
 from kernels.rms_norm import cdiv, jit_at_launch, next_power_of_2, pdl_meta, wait_for_producers
 
@@ -37,15 +36,12 @@ _NO_ACT, _GELU_TANH, _GELU_ERF = 0, 1, 2  # the plain kernel's ACT constexpr
 
 
 @jit_at_launch
-def row_dots(x_ptr, w_rows, row_ok, n_in, pf0, pf0_bytes, pf1, pf1_bytes, pf2, pf2_bytes,
-             BLOCK_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
+def row_dots(x_ptr, w_rows, row_ok, n_in, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """x . W[r] in float32 for each row r of a tile; ``w_rows`` [R] points at each row's first weight. The first
-    K slice of the weights is loaded before the PDL wait (nothing in the step writes weights), and the later
-    kernels' weights are prefetched into L2 (``kernels.l2_prefetch``); x after it."""
+    K slice of the weights is loaded before the PDL wait (nothing in the step writes weights); x after it."""
     cols = tl.arange(0, BLOCK_K)
     col_ok = cols < n_in
     wv = tl.load(w_rows[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    prefetch_l2(pf0, pf0_bytes, pf1, pf1_bytes, pf2, pf2_bytes, PREFETCH)
     wait_for_producers(PDL)
     xv = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     acc = wv.to(tl.float32) * xv[None, :]
@@ -59,13 +55,12 @@ def row_dots(x_ptr, w_rows, row_ok, n_in, pf0, pf0_bytes, pf1, pf1_bytes, pf2, p
 
 
 @jit_at_launch
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, n_out, n_in, stride_w, pf0, pf0_bytes, pf1, pf1_bytes, pf2, pf2_bytes,
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, n_out, n_in, stride_w,
                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                 PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_out
-    y = row_dots(x_ptr, w_ptr + rows.to(tl.int64) * stride_w, row_ok, n_in, pf0, pf0_bytes, pf1, pf1_bytes, pf2,
-                 pf2_bytes, BLOCK_K, PDL, PREFETCH)
+    y = row_dots(x_ptr, w_ptr + rows.to(tl.int64) * stride_w, row_ok, n_in, BLOCK_K, PDL)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     if ACT != 0:  # GELU of the rounded product, as the separate kernel would read it
@@ -75,16 +70,14 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, n_out, n_in, stride_w, pf0, pf0_byt
 
 @jit_at_launch
 def _gemv_silu_mul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, n_out, n_in, stride_w,
-                          pf0, pf0_bytes, pf1, pf1_bytes, pf2, pf2_bytes, HAS_BIAS: tl.constexpr,
-                          BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                          HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """y[j] = silu(gate[j]) * up[j] for the BLOCK_P outputs j of a program; W = [gate (n_out rows) | up]. Tile row
     2i is gate row j_i and row 2i + 1 is up row j_i, so one split of the products gives both."""
     r = tl.arange(0, 2 * BLOCK_P)
     out = tl.program_id(0) * BLOCK_P + r // 2
     rows = out + (r % 2) * n_out
     row_ok = out < n_out
-    y = row_dots(x_ptr, w_ptr + rows.to(tl.int64) * stride_w, row_ok, n_in, pf0, pf0_bytes, pf1, pf1_bytes, pf2,
-                 pf2_bytes, BLOCK_K, PDL, PREFETCH)
+    y = row_dots(x_ptr, w_ptr + rows.to(tl.int64) * stride_w, row_ok, n_in, BLOCK_K, PDL)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     gate, up = tl.split(tl.reshape(y.to(y_ptr.dtype.element_ty).to(tl.float32), [BLOCK_P, 2]))
@@ -93,21 +86,20 @@ def _gemv_silu_mul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, n_out, n_in, stride_w,
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-           prefetch: L2Prefetch | None = None, pdl: bool = False) -> torch.Tensor:
-    """The models' linear under kernel injection: one row (batch-1 decode) by ``gemv``, more by cuBLAS
-    (which takes no ``prefetch``)."""
+           pdl: bool = False) -> torch.Tensor:
+    """The models' linear under kernel injection: one row (batch-1 decode) by ``gemv``, more by cuBLAS."""
     if is_one_row(x):
-        return gemv(x, weight, bias, prefetch=prefetch, pdl=pdl)
+        return gemv(x, weight, bias, pdl=pdl)
     return linear_ref(x, weight, bias)
 
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str, *,
-               prefetch: L2Prefetch | None = None, pdl: bool = False) -> torch.Tensor:
+               pdl: bool = False) -> torch.Tensor:
     """``linear_act_ref``'s contract: one row in one launch (``gemv``'s product with the activation in its
     epilogue); more rows by cuBLAS, then the activation's kernel."""
     check_activation(activation)
     if is_one_row(x):
-        return gemv(x, weight, bias, activation=activation, prefetch=prefetch, pdl=pdl)
+        return gemv(x, weight, bias, activation=activation, pdl=pdl)
     y = linear_ref(x, weight, bias)
     if activation == "silu_and_mul":
         return silu_and_mul(y, pdl=pdl)
@@ -119,13 +111,12 @@ def is_one_row(x: torch.Tensor) -> bool:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, activation: str | None = None,
-         block_n: int | None = None, block_k: int | None = None, num_warps: int = 4,
-         prefetch: L2Prefetch | None = None, pdl: bool = False) -> torch.Tensor:
+         block_n: int | None = None, block_k: int | None = None, num_warps: int = 4, pdl: bool = False
+         ) -> torch.Tensor:
     """``linear_ref``'s contract for one row (``linear_act_ref``'s with an ``activation``): x [1, in], weight
     [out, in] (rows contiguous) -> [1, out] ([1, out / 2] for silu_and_mul). ``block_n``: rows a program reads
-    (4 where in >= out, else 2; for silu_and_mul half of them gate and half up). ``prefetch``: later kernels'
-    weights to pull into L2 (``kernels.l2_prefetch``). ``pdl``: launch with programmatic dependent launch
-    (``kernels.rms_norm.wait_for_producers``)."""
+    (4 where in >= out, else 2; for silu_and_mul half of them gate and half up). ``pdl``: launch with
+    programmatic dependent launch (``kernels.rms_norm.wait_for_producers``)."""
     if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"gemv takes x [1, {weight.shape[1]}], got {list(x.shape)}")
     if activation is not None:
@@ -140,8 +131,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     # qkv, gate_up and fc projections stay fastest at 2)
     block_n = block_n or (4 if n_in >= n_out else 2)
     block_k = block_k or min(2048, next_power_of_2(n_in))
-    meta = dict(HAS_BIAS=bias is not None, BLOCK_K=block_k, num_warps=num_warps, **pdl_meta(pdl, x.device),
-                **prefetch_meta(prefetch, x.device))
+    meta = dict(HAS_BIAS=bias is not None, BLOCK_K=block_k, num_warps=num_warps, **pdl_meta(pdl, x.device))
     b = bias if bias is not None else weight
     if activation == "silu_and_mul":
         if n_out % 2 or block_n < 2 or block_n & (block_n - 1):

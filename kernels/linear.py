@@ -11,17 +11,13 @@ from kernels.activation import gelu_ref, silu_and_mul_ref
 ACTIVATIONS = ("silu_and_mul", "gelu_tanh", "gelu_erf")
 
 
-def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-               prefetch: object = None) -> torch.Tensor:
-    """x: [T, in]; weight: [out, in] as transformers stores nn.Linear weights. ``prefetch`` (a hint of the fused
-    kernels, ``kernels.l2_prefetch``) is ignored."""
+def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [T, in]; weight: [out, in] as transformers stores nn.Linear weights."""
     return F.linear(x, weight, bias)
 
 
-def linear_act_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str, *,
-                   prefetch: object = None) -> torch.Tensor:
-    """activation(x W^T + b), ``activation`` one of ACTIVATIONS; [T, out] -> [T, out / 2] for silu_and_mul.
-    ``prefetch`` is ignored."""
+def linear_act_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """activation(x W^T + b), ``activation`` one of ACTIVATIONS; [T, out] -> [T, out / 2] for silu_and_mul."""
     check_activation(activation)
     y = linear_ref(x, weight, bias)
     if activation == "silu_and_mul":

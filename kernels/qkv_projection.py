@@ -21,7 +21,6 @@ import torch
 
 from kernels.gemv import is_one_row, linear, row_dots
 from kernels.kv_write import check_kv_cache, kv_write, kv_write_ref
-from kernels.l2_prefetch import L2Prefetch, prefetch_meta
 from kernels.linear import linear_ref
 from kernels.rms_norm import cdiv, jit_at_launch, next_power_of_2, pdl_meta
 from kernels.rotary import rotary_kv_write, rotary_kv_write_ref
@@ -39,11 +38,10 @@ def split_heads(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: 
 def qkv_kv_write_ref(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int, num_kv_heads: int,
     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-    positions: torch.Tensor | None = None, cos_sin_cache: torch.Tensor | None = None, *, prefetch: object = None,
+    positions: torch.Tensor | None = None, cos_sin_cache: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [T, hidden] -> q [T, Hq, D]; the new k and v go to their cache slots (``kernels.kv_write``). With a
-    ``cos_sin_cache`` ([max_pos, rot_dim], ``kernels.rotary``) q and k are rotated at ``positions`` first.
-    ``prefetch`` (a hint of the fused kernel) is ignored."""
+    ``cos_sin_cache`` ([max_pos, rot_dim], ``kernels.rotary``) q and k are rotated at ``positions`` first."""
     q, k, v = split_heads(linear_ref(x, weight, bias), num_heads, num_kv_heads, k_cache.shape[-1])
     if cos_sin_cache is None:
         kv_write_ref(k, v, k_cache, v_cache, slot_mapping)
@@ -55,18 +53,15 @@ def qkv_kv_write_ref(
 def _qkv_gemv_kernel(
     x_ptr, w_ptr, b_ptr, q_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, pos_ptr, cs_ptr,
     n_in, stride_w, block_size, stride_kcb, stride_kco, stride_kch, stride_vcb, stride_vco, stride_vch,
-    pf0, pf0_bytes, pf1, pf1_bytes, pf2, pf2_bytes,
     N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HALF: tl.constexpr,  # HALF = head_dim / 2
     HAS_BIAS: tl.constexpr, ROTARY: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     r = tl.arange(0, 2 * BLOCK_P)
     pair = tl.program_id(0) * BLOCK_P + r // 2
     head, feature = pair // HALF, pair % HALF + (r % 2) * HALF  # head over q | k | v, feature within the head
     rows = head * (2 * HALF) + feature
     row_ok = head < N_Q_HEADS + 2 * N_KV_HEADS
-    y = row_dots(x_ptr, w_ptr + rows.to(tl.int64) * stride_w, row_ok, n_in, pf0, pf0_bytes, pf1, pf1_bytes, pf2,
-                 pf2_bytes, BLOCK_K, PDL, PREFETCH)
+    y = row_dots(x_ptr, w_ptr + rows.to(tl.int64) * stride_w, row_ok, n_in, BLOCK_K, PDL)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     y = y.to(q_ptr.dtype.element_ty).to(tl.float32)
@@ -94,19 +89,17 @@ def qkv_kv_write(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int, num_kv_heads: int,
     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
     positions: torch.Tensor | None = None, cos_sin_cache: torch.Tensor | None = None, *,
-    block_pairs: int = 1, block_k: int | None = None, num_warps: int = 4, prefetch: L2Prefetch | None = None,
-    pdl: bool = False,
+    block_pairs: int = 1, block_k: int | None = None, num_warps: int = 4, pdl: bool = False,
 ) -> torch.Tensor:
     """``qkv_kv_write_ref``'s contract. ``block_pairs``: rotary pairs a program owns (a power of two; 1 reads
-    2 x BLOCK_K weights, ``kernels.gemv``'s tile). ``prefetch``: later kernels' weights to pull into L2 (one
-    row only; ``kernels.l2_prefetch``). ``pdl``: programmatic dependent launch."""
+    2 x BLOCK_K weights, ``kernels.gemv``'s tile). ``pdl``: programmatic dependent launch."""
     head_dim = k_cache.shape[-1]
     if weight.shape[0] != (num_heads + 2 * num_kv_heads) * head_dim:
         raise ValueError(f"qkv weight has {weight.shape[0]} rows; {num_heads} + 2 x {num_kv_heads} heads of "
                          f"{head_dim} need {(num_heads + 2 * num_kv_heads) * head_dim}")
     rotary = cos_sin_cache is not None
     if not is_one_row(x) or head_dim % 2 or (rotary and cos_sin_cache.shape[-1] != head_dim):
-        q, k, v = split_heads(linear(x, weight, bias, prefetch=prefetch, pdl=pdl), num_heads, num_kv_heads, head_dim)
+        q, k, v = split_heads(linear(x, weight, bias, pdl=pdl), num_heads, num_kv_heads, head_dim)
         if not rotary:
             kv_write(k, v, k_cache, v_cache, slot_mapping, pdl=pdl)
             return q
@@ -130,6 +123,6 @@ def qkv_kv_write(
         *k_cache.stride()[:3], *v_cache.stride()[:3],
         N_Q_HEADS=num_heads, N_KV_HEADS=num_kv_heads, HALF=head_dim // 2, HAS_BIAS=bias is not None, ROTARY=rotary,
         BLOCK_P=block_pairs, BLOCK_K=block_k or min(2048, next_power_of_2(x.shape[1])), num_warps=num_warps,
-        **pdl_meta(pdl, x.device), **prefetch_meta(prefetch, x.device),
+        **pdl_meta(pdl, x.device),
     )
     return q

@@ -49,8 +49,7 @@ class GPT2MLP(nn.Module):
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fc = self.c_fc
-        return self.c_proj(self.ops.linear_act(x, fc.weight, fc.bias, self.activation, prefetch=fc.prefetch))
+        return self.c_proj(self.ops.linear_act(x, self.c_fc.weight, self.c_fc.bias, self.activation))
 
 
 class GPT2Block(nn.Module):

@@ -45,7 +45,7 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up = self.gate_up_proj
-        return self.down_proj(self.ops.linear_act(x, up.weight, up.bias, "silu_and_mul", prefetch=up.prefetch))
+        return self.down_proj(self.ops.linear_act(x, up.weight, up.bias, "silu_and_mul"))
 
 
 def rope_parameters(hf_config: Any) -> dict[str, Any]:
