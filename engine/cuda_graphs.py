@@ -51,11 +51,18 @@ class _GraphSet:
 
     kind = ""  # the log's name of the sizes
 
-    def __init__(self, sizes: list[int], device: torch.device) -> None:
-        self.sizes = sizes
+    def __init__(self, model: torch.nn.Module, sizes: list[int], max_seq_len: int, device: torch.device) -> None:
+        self.model = model
+        self.sizes = sizes  # ascending
+        self.max_seq_len = max_seq_len
         self.device = device
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
+
+    def bucket(self, n: int) -> int | None:
+        """The smallest size >= ``n`` (the graph a step of ``n`` sequences or tokens runs), or None."""
+        i = bisect_left(self.sizes, n)
+        return self.sizes[i] if i < len(self.sizes) else None
 
     def _prepare(self, size: int) -> None:
         """Fill the static inputs with a dummy step of ``size`` that writes no KV."""
@@ -96,21 +103,13 @@ class DecodeGraphs(_GraphSet):
 
     def __init__(self, model: torch.nn.Module, max_num_seqs: int, max_blocks_per_seq: int, max_seq_len: int,
                  device: torch.device) -> None:
-        super().__init__(graph_batch_sizes(max_num_seqs), device)
-        self.model = model
-        self.batch_sizes = self.sizes
-        self.max_seq_len = max_seq_len
-        b = self.batch_sizes[-1]
+        super().__init__(model, graph_batch_sizes(max_num_seqs), max_seq_len, device)
+        b = self.sizes[-1]
         # ids, positions, slots, seq_lens as one [4, b] buffer: a step fills it with one copy
         self._inputs = torch.zeros(4, b, dtype=torch.int32, device=device)
-        self._input_views = {size: self._inputs[:, :size] for size in self.batch_sizes}  # made once, not per step
+        self._input_views = {size: self._inputs[:, :size] for size in self.sizes}  # made once, not per step
         self._query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=device)
         self._block_tables = torch.zeros(b, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self._buckets = [next(size for size in self.batch_sizes if size >= n) for n in range(b + 1)]  # by n
-
-    def bucket(self, num_seqs: int) -> int | None:
-        """The graph size a decode step of ``num_seqs`` sequences runs at, or None if none is that large."""
-        return self._buckets[num_seqs] if num_seqs < len(self._buckets) else None
 
     def _prepare(self, size: int) -> None:
         self._inputs[2].fill_(-1)  # one token a sequence, not cached, attending to key 0 of block 0
@@ -158,19 +157,11 @@ class PrefillGraphs(_GraphSet):
 
     def __init__(self, model: torch.nn.Module, max_tokens: int, max_blocks_per_seq: int, max_seq_len: int,
                  device: torch.device) -> None:
-        super().__init__(prefill_token_sizes(max_tokens), device)
-        self.model = model
-        self.token_sizes = self.sizes
-        self.max_seq_len = max_seq_len
-        t = self.token_sizes[-1]
+        super().__init__(model, prefill_token_sizes(max_tokens), max_seq_len, device)
+        t = self.sizes[-1]
         self._tokens = torch.zeros(3, t, dtype=torch.int32, device=device)  # ids | positions | slots
         self._seq_meta = torch.zeros(5, dtype=torch.int32, device=device)  # seq_lens [2] | query_start_loc [3]
         self._block_tables = torch.zeros(2, max_blocks_per_seq, dtype=torch.int32, device=device)
-
-    def bucket(self, num_tokens: int) -> int | None:
-        """The token size a one-sequence chunk of ``num_tokens`` runs at, or None if none is that large."""
-        i = bisect_left(self.token_sizes, num_tokens)
-        return self.token_sizes[i] if i < len(self.token_sizes) else None
 
     def _prepare(self, t: int) -> None:
         # sequence 0: one uncached token attending to key 0 of block 0; the padding sequence: the other t - 1

@@ -55,7 +55,7 @@ def test_graph_decode_matches_eager(shape: str, dtype: str, make_checkpoint: Any
     family, overrides = SHAPES[shape]
     model_dir = make_checkpoint(family, **overrides)
     graphed = _engine(model_dir, dtype, True)
-    assert graphed.runner.graphs is not None and graphed.runner.graphs.batch_sizes == [1, 2, 4, 8, 12]
+    assert graphed.runner.graphs is not None and graphed.runner.graphs.sizes == [1, 2, 4, 8, 12]
     tokens_g, logits_g = _run(graphed)
     tokens_e, logits_e = _run(_engine(model_dir, dtype, False))
     if dtype == "float32":
@@ -110,7 +110,7 @@ def test_one_sequence_chunks_replay_prefill_graphs(shape: str, make_checkpoint: 
     family, overrides = SHAPES[shape]
     model_dir = make_checkpoint(family, **overrides)
     graphed, eager = _engine(model_dir, "float32", True), _engine(model_dir, "float32", False)
-    assert graphed.runner.prefill_graphs is not None and graphed.runner.prefill_graphs.token_sizes == [16, 32]
+    assert graphed.runner.prefill_graphs is not None and graphed.runner.prefill_graphs.sizes == [16, 32]
     g = torch.Generator().manual_seed(9)
     sp = SamplingParams(max_new_tokens=3, ignore_eos=True)
     for n in (3, 16, 21, 32, 75):

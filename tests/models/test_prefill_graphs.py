@@ -43,7 +43,7 @@ def _run(eng: Engine) -> list[list[int]]:
 def test_static_prefill_buffers_give_the_eager_tokens(make_checkpoint: Any, family: str) -> None:
     ckpt = make_checkpoint(family)
     eager, static = _engine(ckpt, False), _engine(ckpt, True)
-    assert static.runner.prefill_graphs is not None and static.runner.prefill_graphs.token_sizes == [16, 32, 40]
+    assert static.runner.prefill_graphs is not None and static.runner.prefill_graphs.sizes == [16, 32, 40]
     want, got = _run(eager), _run(static)
     assert got == want
     graphed = [t for t in static.step_timings if t.cuda_graph]
